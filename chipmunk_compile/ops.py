@@ -1,0 +1,126 @@
+"""The custom ops the passes insert: ``torch.ops.chipmunk.attention`` and ``torch.ops.chipmunk.mlp``.
+
+Both are functional (``mutates_args=()``): their caches live in the per-model state that the runner
+activates for each compiled call (see :mod:`chipmunk_compile.state`), never in the graph. Called with no
+active runner (eager use, ``opcheck``) they return the exact dense result. They are tagged
+``cudagraph_unsafe`` so that under ``mode="reduce-overhead"`` Inductor's graph partitioning runs them
+eagerly (their step logic is Python) and CUDA-graphs everything around them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+from chipmunk_compile import sparse_attention, sparse_mlp
+from chipmunk_compile.state import SiteStats, active_context
+
+_TAGS = (torch._C.Tag.cudagraph_unsafe,) if hasattr(torch._C.Tag, "cudagraph_unsafe") else ()
+# The stats of the op call that just ran, read by the FLOP formulas (FlopCounterMode calls them right
+# after the op); the FLOPs themselves are computed only when asked, as they need a host sync.
+_LAST_STATS: contextvars.ContextVar[SiteStats | None] = contextvars.ContextVar("chipmunk_last_stats", default=None)
+
+
+@torch.library.custom_op("chipmunk::attention", mutates_args=(), tags=_TAGS)
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    site_key: torch.Tensor | None,
+    site_uid: int,
+    scale: float | None,
+    enable_gqa: bool,
+    text_start: int,
+    text_len: int,
+) -> torch.Tensor:
+    """Self/joint attention with cached column-sparse deltas.
+
+    Args:
+        q: (B, H, S, D); k, v: (B, Hkv, S, D) with H % Hkv == 0 (GQA when ``enable_gqa``).
+        attn_mask: None or a key-padding mask broadcastable to (B, H, 1, S): bool (True = attend) or
+            additive float. Masked keys are never selected.
+        site_key: a weight of the site's layer, its runtime identity (None: the graph position only).
+        site_uid: the site's id in its compiled plan. scale: softmax scale (None: D**-0.5).
+        text_start, text_len: the span of text keys (joint attention), kept by every group when
+            configured.
+
+    Returns:
+        (B, H, S, Dv), laid out in memory as (B, S, H, Dv).
+    """
+    ctx = active_context()
+    if ctx is None:
+        _LAST_STATS.set(None)
+        return sparse_attention.dense_attention(q, k, v, attn_mask, scale, enable_gqa)
+    site = ctx.state.site("attention", site_uid, site_key)
+    out = sparse_attention.run_attention(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start, text_len)
+    _LAST_STATS.set(site.stats)
+    return out
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, attn_mask, site_key, site_uid, scale, enable_gqa, text_start, text_len):
+    b, h, s, _ = q.shape
+    return q.new_empty((b, s, h, v.shape[-1])).permute(0, 2, 1, 3)
+
+
+@torch.library.custom_op("chipmunk::mlp", mutates_args=(), tags=_TAGS)
+def mlp(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    site_uid: int,
+    activation: str,
+    gated: bool,
+    w2_offset: int,
+    w2_width: int,
+) -> torch.Tensor:
+    """``act(x·W1ᵀ + b1) · W2[:, off:off+width]ᵀ + b2`` with cached column-sparse deltas.
+
+    Args:
+        x: (..., Din). w1: (F, Din), or (2F, Din) when ``gated`` (``[u | g]``, a = u · act(g)).
+        b1: (F,) / (2F,) or None. w2: (Dout, W) of which columns [w2_offset, w2_offset + w2_width)
+            (width F) multiply the activation (the rest belong to another input of a fused linear).
+        b2: (Dout,) or None. activation: "gelu_tanh", "gelu" or "silu".
+
+    Returns:
+        (..., Dout), contiguous.
+    """
+    ctx = active_context()
+    if ctx is None:
+        _LAST_STATS.set(None)
+        _, a = sparse_mlp.hidden_activation(x, w1, b1, activation, gated)
+        return F.linear(a, w2.narrow(1, w2_offset, w2_width), b2).contiguous()
+    site = ctx.state.site("mlp", site_uid, w1)
+    out = sparse_mlp.run_mlp(ctx, site, x, w1, b1, w2, b2, activation, gated, w2_offset, w2_width)
+    _LAST_STATS.set(site.stats)
+    return out
+
+
+@mlp.register_fake
+def _mlp_fake(x, w1, b1, w2, b2, site_uid, activation, gated, w2_offset, w2_width):
+    return x.new_empty((*x.shape[:-1], w2.shape[0]))
+
+
+@register_flop_formula(torch.ops.chipmunk.attention, get_raw=True)
+def _attention_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
+    last = _LAST_STATS.get()
+    if last is not None:
+        return last.last_flops
+    b, h, s, d = q.shape
+    return sparse_attention.attention_flops(b, h, s, k.shape[2], d, v.shape[-1])
+
+
+@register_flop_formula(torch.ops.chipmunk.mlp, get_raw=True)
+def _mlp_flops(x, w1, b1, w2, b2, site_uid, activation, gated, w2_offset, w2_width, *args, out_val=None,
+               **kwargs) -> int:
+    last = _LAST_STATS.get()
+    if last is not None:
+        return last.last_flops
+    m = x.numel() // x.shape[-1]
+    return sparse_mlp.mlp_flops(m, x.shape[-1], w2_width, w2.shape[0], gated)

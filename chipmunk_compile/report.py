@@ -1,0 +1,110 @@
+"""``chipmunk_compile.report(model)``: every site found, rewritten or left dense, and what it did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from chipmunk_compile.runner import states_of
+from chipmunk_compile.state import ModelState, SiteState
+
+
+@dataclass
+class SiteReport:
+    """One row of the report. Runtime fields are None until the site has run."""
+
+    kind: str
+    status: str
+    name: str
+    reason: str = ""
+    shapes: dict[str, tuple] = field(default_factory=dict)
+    variant: str = ""
+    kept_fraction: float | None = None
+    selections: int = 0
+    calls: int = 0
+    dense_calls: int = 0
+    sparse_calls: int = 0
+    last_phase: str = ""
+    backend: str = ""
+    errors: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def mean_error(self) -> float | None:
+        return sum(e for _, e in self.errors) / len(self.errors) if self.errors else None
+
+
+@dataclass
+class Report:
+    sites: list[SiteReport]
+    notes: list[str] = field(default_factory=list)
+
+    def by_kind(self, kind: str, status: str | None = None) -> list[SiteReport]:
+        return [s for s in self.sites if s.kind == kind and (status is None or s.status == status)]
+
+    def __str__(self) -> str:
+        if not self.sites:
+            return "chipmunk report: no compiled chipmunk graph has run for this model yet" + "".join(
+                f"\n  note: {n}" for n in self.notes
+            )
+        header = ("kind", "status", "name", "kept", "calls d/s", "sel", "err", "detail")
+        rows = [header]
+        for s in self.sites:
+            kept = "" if s.kept_fraction is None else f"{s.kept_fraction:.3f}"
+            err = "" if s.mean_error is None else f"{s.mean_error:.2e}"
+            calls = f"{s.dense_calls}/{s.sparse_calls}" if s.calls else ""
+            detail = s.reason or s.variant or ""
+            if s.backend and s.status == "rewritten":
+                detail = (detail + f" [{s.backend}]").strip()
+            rows.append((s.kind, s.status, s.name, kept, calls, str(s.selections or ""), err, detail))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+        n_rw = sum(s.status == "rewritten" for s in self.sites)
+        summary = f"chipmunk report: {len(self.sites)} sites, {n_rw} rewritten, {len(self.sites) - n_rw} dense"
+        return "\n".join([summary, *lines, *(f"note: {n}" for n in self.notes)])
+
+
+def report(model: torch.nn.Module) -> Report:
+    """Collect the sites of every chipmunk graph compiled for ``model`` (or its ``_orig_mod``)."""
+    module = getattr(model, "_orig_mod", model)
+    names = {id(p): n for n, p in module.named_parameters()}
+    rows: list[SiteReport] = []
+    notes: list[str] = []
+    for state in states_of(module):
+        rows.extend(_rows(state, names))
+        notes.extend(p.note for p in state.plans if p.note)
+    return Report(rows, sorted(set(notes)))
+
+
+def _rows(state: ModelState, names: dict[int, str]) -> list[SiteReport]:
+    runtime: dict[int, list[SiteState]] = {}
+    for site in state.sites:
+        runtime.setdefault(site.uid, []).append(site)
+    out: list[SiteReport] = []
+    for plan in state.plans:
+        for rec in plan.sites:
+            base = dict(kind=rec.kind, status=rec.status, name=rec.name, reason=rec.reason,
+                        shapes=rec.shapes, variant=rec.variant)
+            sites = runtime.get(rec.uid, [])
+            if not sites:
+                out.append(SiteReport(**base))
+                continue
+            for site in sorted(sites, key=lambda s: s.ordinal):
+                row = SiteReport(**base)
+                key = site.key
+                if key is not None and id(key) in names:
+                    row.name = _module_of(names[id(key)], rec.kind)
+                st = site.stats
+                row.kept_fraction = st.kept_fraction
+                row.selections, row.calls = st.selections, st.calls
+                row.dense_calls, row.sparse_calls = st.dense_calls, st.sparse_calls
+                row.last_phase, row.backend, row.errors = st.last_phase, st.backend, list(st.errors)
+                out.append(row)
+    return out
+
+
+def _module_of(param_name: str, kind: str) -> str:
+    parts = param_name.split(".")[:-1]  # drop "weight"
+    if kind == "attention" and len(parts) > 1:
+        parts = parts[:-1]  # drop the projection (to_q) to name the attention module
+    return ".".join(parts)

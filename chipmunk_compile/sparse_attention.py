@@ -1,0 +1,181 @@
+"""Cached-delta column-sparse attention (the algorithm behind ``torch.ops.chipmunk.attention``).
+
+Per (sample, head, group of ``query_group`` consecutive queries) ``g``, with ``A_S`` attention restricted
+to (and renormalised over) the key set ``S_g``:
+
+- selection step (dense): exact output ``o``; the column sums of the exact softmax probabilities over
+  the group rank the keys; ``S_g`` = the top ``keep`` fraction + ``random_keep`` random others (+ text
+  keys when configured; masked keys never); cache ``C = o - A_S(q, k, v)``; return ``o``;
+- refresh step (dense, selection kept): exact ``o``; ``C = o - A_S``; return ``o``;
+- sparse step: return ``C + A_S(q, k, v)``: only the selected columns are recomputed.
+
+On CUDA the Triton kernels in :mod:`chipmunk_compile.kernels` run; elsewhere their PyTorch references.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from chipmunk_compile.config import AttentionConfig
+from chipmunk_compile.kernels import attention_colsum as colsum_kernels
+from chipmunk_compile.kernels import column_sparse_attention as csa_kernels
+from chipmunk_compile.selection import column_budget, select_columns
+from chipmunk_compile.state import CallContext, SiteState
+
+
+@dataclass
+class AttentionCache:
+    """Per (site, CFG stream) state, valid for one generation.
+
+    cache: (B, H, S, D), the dense output minus the selected columns' part, in (B, S, H, D) memory.
+    indices: (B, H, G, K) int32 and counts: (B, H, G) int32, the selected keys per query group.
+    """
+
+    generation: int
+    cache: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+
+def key_bias_from_mask(mask: torch.Tensor | None, batch: int, heads: int, sk: int) -> torch.Tensor | None:
+    """A key-padding mask (bool keep-mask or additive float) as fp32 bias (B, 1|H, Sk), or None."""
+    if mask is None:
+        return None
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m[:, :, 0, :]  # (B|1, 1|H, Sk): the query dim is 1 (checked by the pass and by the op)
+    if m.dtype == torch.bool:
+        bias = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
+    else:
+        bias = m.float()
+    return bias.expand(batch, bias.shape[1], sk).contiguous()
+
+
+def _bshd_empty_like(q: torch.Tensor, dv: int) -> torch.Tensor:
+    b, h, s, _ = q.shape
+    return q.new_empty((b, s, h, dv)).permute(0, 2, 1, 3)
+
+
+def dense_attention(q, k, v, attn_mask, scale, enable_gqa) -> torch.Tensor:
+    """Exact SDPA, returned in the op's (B, S, H, D) memory layout."""
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
+    out = _bshd_empty_like(q, v.shape[-1])
+    out.copy_(o)
+    return out
+
+
+def _use_triton(q: torch.Tensor, use_triton: bool) -> str | None:
+    """None if the Triton kernels can run on these tensors, else why not."""
+    if not use_triton:
+        return "use_triton=False"
+    if not q.is_cuda:
+        return "not a CUDA tensor"
+    return csa_kernels.supports(q, q, q)
+
+
+def _sparse(q, k, v, indices, counts, *, scale, group, key_bias, base, sign, triton: bool):
+    fn = csa_kernels.column_sparse_attention if triton else csa_kernels.column_sparse_attention_ref
+    return fn(q, k, v, indices, counts, scale=scale, group_size=group, key_bias=key_bias, base=base, sign=sign)
+
+
+def _colsum(q, k, v, *, scale, group, key_bias, triton: bool):
+    fn = colsum_kernels.attention_with_colsum if triton else colsum_kernels.attention_with_colsum_ref
+    return fn(q, k, v, scale=scale, group_size=group, key_bias=key_bias)
+
+
+def attention_flops(b: int, h: int, sq: int, sk: int, d: int, dv: int) -> int:
+    return 2 * b * h * sq * sk * (d + dv)
+
+
+def run_attention(
+    ctx: CallContext,
+    site: SiteState,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    enable_gqa: bool,
+    text_start: int,
+    text_len: int,
+) -> torch.Tensor:
+    """One call of an attention site. Shapes: q (B, H, S, D); k, v (B, Hkv, S, D); returns (B, H, S, Dv)."""
+    cfg: AttentionConfig = ctx.state.config.attention
+    info = ctx.info
+    b, h, s, d = q.shape
+    sk, dv = k.shape[2], v.shape[-1]
+    scale_f = float(scale) if scale is not None else d**-0.5
+    stats = site.stats
+    stats.calls += 1
+    stats.dense_flops = attention_flops(b, h, s, sk, d, dv)
+    why_not = _use_triton(q, ctx.state.config.use_triton)
+    triton = why_not is None
+    stats.backend = "triton" if triton else f"pytorch ({why_not})"
+
+    if site.ordinal < cfg.first_dense_layers:
+        stats.dense_calls += 1
+        stats.record("dense (first layers)", fixed_flops=stats.dense_flops, kept_flops=0, counts=None,
+                     columns=sk, kept_static=1.0)
+        return dense_attention(q, k, v, attn_mask, scale, enable_gqa)
+
+    entry: AttentionCache | None = site.cache(info.stream, info.generation)
+    group = cfg.query_group
+    key_bias = key_bias_from_mask(attn_mask, b, h, sk)
+    if entry is not None and entry.indices is not None and entry.indices.shape[:3] != (b, h, -(-s // group)):
+        entry = None
+
+    if entry is None or entry.cache is None or cfg.is_dense_step(info.step):
+        select = entry is None or entry.indices is None or cfg.recompute_selection
+        if entry is None:
+            entry = AttentionCache(generation=info.generation)
+            site.caches[info.stream] = entry
+        if select:
+            o, _lse, colsum = _colsum(q, k, v, scale=scale_f, group=group, key_bias=key_bias, triton=triton)
+            entry.indices, entry.counts = _select_keys(ctx, colsum, key_bias, cfg, sk, text_start, text_len)
+            stats.selections += 1
+            extra = attention_flops(b, h, s, sk, d, 0)  # the column-sum pass recomputes q·k
+        else:
+            o = dense_attention(q, k, v, attn_mask, scale, enable_gqa)
+            extra = 0
+        entry.cache = _sparse(
+            q, k, v, entry.indices, entry.counts, scale=scale_f, group=group, key_bias=key_bias,
+            base=o, sign=-1.0, triton=triton,
+        )
+        stats.dense_calls += 1
+        stats.record("dense+select" if select else "dense+refresh", fixed_flops=stats.dense_flops + extra,
+                     kept_flops=stats.dense_flops, counts=entry.counts, columns=sk)
+        return o
+
+    out = _sparse(
+        q, k, v, entry.indices, entry.counts, scale=scale_f, group=group, key_bias=key_bias,
+        base=entry.cache, sign=1.0, triton=triton,
+    )
+    stats.sparse_calls += 1
+    stats.record("sparse", fixed_flops=0, kept_flops=stats.dense_flops, counts=entry.counts, columns=sk)
+    if ctx.state.config.check_error:
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
+        err = (out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)
+        stats.errors.append((info.step, float(err)))
+    return out
+
+
+def _select_keys(ctx, colsum, key_bias, cfg: AttentionConfig, sk, text_start, text_len):
+    """Indices (B, H, G, K) and counts (B, H, G) from column sums (B, H, G, Sk)."""
+    scores = colsum
+    if key_bias is not None:
+        invalid = torch.isneginf(key_bias).unsqueeze(2)  # (B, 1|H, 1, Sk)
+        scores = scores.masked_fill(invalid, float("-inf"))
+    if cfg.keep_text_keys and text_len > 0:
+        scores = scores.clone() if scores is colsum else scores
+        forced = scores[..., text_start : text_start + text_len]
+        forced.masked_fill_(forced > float("-inf"), float("inf"))
+    k_top, n_rand = column_budget(cfg.keep, cfg.random_keep, sk)
+    if cfg.keep_text_keys and text_len > 0:
+        k_top = min(sk, max(k_top, text_len + 1))
+        n_rand = min(n_rand, sk - k_top)
+    gen = ctx.state.random_generator(colsum.device)
+    return select_columns(scores, k_top, n_rand, gen)

@@ -1,0 +1,172 @@
+"""Cached-delta column-sparse MLP (the algorithm behind ``torch.ops.chipmunk.mlp``).
+
+The site computes ``out = a(x) · W2ᵀ (+ b2)`` with ``a(x) = act(x·W1ᵀ + b1)`` (plain) or
+``a(x) = u · act(g)`` with ``[u | g] = x·W1ᵀ + b1`` (gated: GEGLU / SwiGLU). Per block of ``block``
+consecutive tokens of one sample:
+
+- dense step: exact output; cache the activation ``a`` (unit-major), the output, and the block means of
+  the pre-activation;
+- sparse step: choose the hidden units whose block-mean pre-activation moved most since they were last
+  refreshed (plus a random fraction), refreshing their reference; recompute only those units of ``a``,
+  add ``(a_new − a_cached) · W2[:, S]ᵀ`` to the cached output, store ``a_new`` in the activation cache.
+  The selection is redone every ``selection_every`` sparse steps and reused in between.
+
+Because ``W1`` is affine, the block mean of the pre-activation is ``mean(x_block) · W1ᵀ + b1``: the
+selection costs one small matmul over the block means, not the full first linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from chipmunk_compile.config import MlpConfig
+from chipmunk_compile.kernels import column_sparse_mlp as mlp_kernels
+from chipmunk_compile.selection import column_budget, select_columns
+from chipmunk_compile.state import CallContext, SiteState
+
+ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
+
+
+@dataclass
+class MlpCache:
+    """Per (site, CFG stream) state, valid for one generation.
+
+    act: (B, F, S) unit-major activation cache; out: (B, S, Dout) output cache;
+    block_mean: (B, nb, F or 2F) fp32 reference pre-activation block means;
+    indices: (B, nb, k) int32 current selection (None until the first sparse step).
+    """
+
+    generation: int
+    act: torch.Tensor
+    out: torch.Tensor
+    block_mean: torch.Tensor
+    indices: torch.Tensor | None = None
+    selected_at: int = -1
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "silu":
+        return F.silu(h)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def hidden_activation(x, w1, b1, activation: str, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-activation h (…, F or 2F) and activation a (…, F)."""
+    h = F.linear(x, w1, b1)
+    if gated:
+        u, g = h.chunk(2, dim=-1)
+        return h, u * activate(g, activation)
+    return h, activate(h, activation)
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, S, C) -> (B, nb, C) fp32 means over consecutive blocks of ``block`` tokens (last may be short)."""
+    b, s, c = x.shape
+    nb = -(-s // block)
+    pad = nb * block - s
+    xf = x.float()
+    if pad:
+        xf = F.pad(xf, (0, 0, 0, pad))
+    sums = xf.reshape(b, nb, block, c).sum(2)
+    sizes = torch.full((nb,), float(block), device=x.device)
+    sizes[-1] = block - pad
+    return sums / sizes[None, :, None]
+
+
+def mlp_flops(m: int, din: int, f: int, dout: int, gated: bool) -> int:
+    return 2 * m * din * f * (2 if gated else 1) + 2 * m * f * dout
+
+
+def _use_triton(x, w1, w2, use_triton: bool) -> str | None:
+    if not use_triton:
+        return "use_triton=False"
+    if not x.is_cuda:
+        return "not a CUDA tensor"
+    return mlp_kernels.supports(x, w1, w2)
+
+
+def run_mlp(
+    ctx: CallContext,
+    site: SiteState,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str,
+    gated: bool,
+    w2_offset: int,
+    w2_width: int,
+) -> torch.Tensor:
+    """One call of an MLP site. x: (..., Din); returns (..., Dout), contiguous."""
+    cfg: MlpConfig = ctx.state.config.mlp
+    info = ctx.info
+    lead = x.shape[:-1]
+    x3 = x.reshape(x.shape[0] if x.dim() >= 3 else 1, -1, x.shape[-1])
+    bsz, s, din = x3.shape
+    w2s = w2.narrow(1, w2_offset, w2_width)
+    f = w2_width
+    dout = w2.shape[0]
+    stats = site.stats
+    stats.calls += 1
+    stats.dense_flops = mlp_flops(bsz * s, din, f, dout, gated)
+    why_not = _use_triton(x3, w1, w2s, ctx.state.config.use_triton)
+    triton = why_not is None
+    stats.backend = "triton" if triton else f"pytorch ({why_not})"
+
+    entry: MlpCache | None = site.cache(info.stream, info.generation)
+    if entry is not None and entry.out.shape != (bsz, s, dout):
+        entry = None
+    first_layers = site.ordinal < cfg.first_dense_layers
+    if first_layers or entry is None or cfg.is_dense_step(info.step):
+        h, a = hidden_activation(x3, w1, b1, activation, gated)
+        out = F.linear(a, w2s, b2).contiguous()
+        stats.dense_calls += 1
+        if first_layers:
+            stats.record("dense (first layers)", fixed_flops=stats.dense_flops, kept_flops=0, counts=None,
+                         columns=f, kept_static=1.0)
+            return out.reshape(*lead, dout)
+        site.caches[info.stream] = MlpCache(
+            generation=info.generation,
+            act=a.transpose(1, 2).contiguous(),
+            out=out.clone(),
+            block_mean=block_means(h, cfg.block),
+        )
+        stats.record("dense+cache", fixed_flops=stats.dense_flops, kept_flops=0, counts=None, columns=f,
+                     kept_static=1.0)
+        return out.reshape(*lead, dout)
+
+    k_top, n_rand = column_budget(cfg.keep, cfg.random_keep, f)
+    sel_flops = 0
+    if entry.indices is None or info.step - entry.selected_at >= cfg.selection_every:
+        bm = F.linear(block_means(x3, cfg.block).to(x3.dtype), w1, b1).float()  # (B, nb, F or 2F)
+        diff = (bm - entry.block_mean).abs_()
+        if gated:
+            diff = diff[..., :f] + diff[..., f:]
+        idx, _ = select_columns(diff, k_top, n_rand, ctx.state.random_generator(x3.device))
+        ref_idx = torch.cat([idx, idx + f], dim=-1).long() if gated else idx.long()
+        entry.block_mean.scatter_(-1, ref_idx, bm.gather(-1, ref_idx))
+        entry.indices, entry.selected_at = idx, info.step
+        stats.selections += 1
+        sel_flops = 2 * bsz * bm.shape[1] * din * w1.shape[0]
+    fn = mlp_kernels.column_sparse_mlp_delta if triton else mlp_kernels.column_sparse_mlp_delta_ref
+    fn(x3, w1, b1, w2s, entry.indices, entry.act, entry.out, activation=activation, gated=gated,
+       block_size=cfg.block)
+    out = entry.out.clone()
+    stats.sparse_calls += 1
+    kept = entry.indices.shape[-1] / f
+    stats.record("sparse", fixed_flops=sel_flops, kept_flops=stats.dense_flops, counts=None, columns=f,
+                 kept_static=kept)
+    if ctx.state.config.check_error:
+        _, a = hidden_activation(x3, w1, b1, activation, gated)
+        ref = F.linear(a, w2s, b2).float()
+        err = (out.float() - ref).norm() / ref.norm().clamp_min(1e-30)
+        stats.errors.append((info.step, float(err)))
+    return out.reshape(*lead, dout)

@@ -1,0 +1,270 @@
+"""Per-model runtime state: the step clock, per-site caches and statistics.
+
+Nothing here is global. A :class:`ModelState` belongs to one model (it is attached to the model's
+parameters, so it is freed with them) and is made active for the duration of one compiled call by the
+runner through a context variable; the custom ops read it from there. Outside a runner call (eager
+debugging, ``opcheck``) the ops compute the exact dense result.
+
+Site identity: the ops receive a weight tensor of their layer (the q-projection for attention, the
+first MLP linear for MLPs). State is keyed by that tensor's Python identity, which survives weight
+offloading (offloaders swap ``param.data``, keeping the Parameter object) and regional compilation
+(one compiled graph, different weights per block). A changed data pointer is checked against a value
+fingerprint so that new weights (e.g. a fused LoRA) invalidate the caches while moved weights do not.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from chipmunk_compile.config import ChipmunkConfig
+
+log = logging.getLogger("chipmunk_compile")
+
+MAX_STREAMS = 4
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where one call sits in the denoising loop."""
+
+    generation: int
+    step: int
+    stream: int
+
+
+class StepClock:
+    """Derives (generation, step, stream) from successive calls.
+
+    Timestep mode (the compiled graph has a timestep input): a call whose timestep equals the previous
+    call's is another CFG stream of the same step; a lower timestep is the next step; a higher timestep,
+    a change of input shapes, or :meth:`reset` starts a new generation.
+
+    Counting mode (no timestep visible, e.g. one block of a regionally compiled model): every
+    ``streams_per_step`` calls form a step; a shape change, :meth:`reset`, or ``num_steps`` completed
+    steps start a new generation.
+    """
+
+    def __init__(self, config: ChipmunkConfig) -> None:
+        self._config = config
+        self.generation = -1
+        self.step = 0
+        self.stream = 0
+        self._t: float | None = None
+        self._signature: Any = None
+        self._calls = 0
+        self._reset_pending = True
+        self._warned_streams = False
+
+    def reset(self) -> None:
+        self._reset_pending = True
+
+    def _new_generation(self, signature: Any) -> None:
+        self.generation += 1
+        self.step = 0
+        self.stream = 0
+        self._calls = 0
+        self._signature = signature
+        self._reset_pending = False
+
+    def advance_timestep(self, t: float, signature: Any) -> StepInfo:
+        if self._reset_pending or signature != self._signature or self._t is None or t > self._t:
+            self._new_generation(signature)
+        elif t == self._t:
+            self.stream += 1
+            if self.stream >= MAX_STREAMS:
+                if not self._warned_streams:
+                    log.warning(
+                        "chipmunk: more than %d calls with the same timestep %s; treating them as "
+                        "repeats of stream 0 (dense step)", MAX_STREAMS, t,
+                    )
+                    self._warned_streams = True
+                self.stream %= MAX_STREAMS
+        else:
+            self.step += 1
+            self.stream = 0
+        self._t = t
+        return StepInfo(self.generation, self.step, self.stream)
+
+    def advance_count(self, signature: Any) -> StepInfo:
+        cfg = self._config
+        per_step = cfg.streams_per_step
+        if self._reset_pending or signature != self._signature:
+            self._new_generation(signature)
+        elif cfg.num_steps is not None and self._calls >= cfg.num_steps * per_step:
+            self._new_generation(signature)
+        self.step, self.stream = divmod(self._calls, per_step)
+        self._calls += 1
+        return StepInfo(self.generation, self.step, self.stream)
+
+
+@dataclass
+class SiteStats:
+    """What a site did; read by :func:`chipmunk_compile.report`.
+
+    The kept fraction and FLOPs of the last call are computed on demand from the device-side counts,
+    so recording them costs no host sync on the hot path.
+    """
+
+    calls: int = 0
+    dense_calls: int = 0
+    sparse_calls: int = 0
+    selections: int = 0
+    last_phase: str = ""
+    dense_flops: int = 0
+    errors: list[tuple[int, float]] = field(default_factory=list)
+    backend: str = ""
+    _counts: torch.Tensor | None = None
+    _columns: int = 1
+    _fixed_flops: int = 0
+    _kept_flops: int = 0
+    _kept_static: float | None = None
+
+    def record(self, phase: str, *, fixed_flops: int, kept_flops: int, counts: torch.Tensor | None,
+               columns: int, kept_static: float | None = None) -> None:
+        """Note one call: FLOPs = fixed_flops + kept_fraction * kept_flops."""
+        self.last_phase = phase
+        self._fixed_flops, self._kept_flops = fixed_flops, kept_flops
+        self._counts, self._columns, self._kept_static = counts, columns, kept_static
+
+    @property
+    def kept_fraction(self) -> float | None:
+        if self._kept_static is not None:
+            return self._kept_static
+        if self._counts is None:
+            return None
+        return float(self._counts.float().mean()) / self._columns
+
+    @property
+    def last_flops(self) -> int:
+        kept = self.kept_fraction or 0.0
+        return self._fixed_flops + round(kept * self._kept_flops)
+
+
+class SiteState:
+    """One rewritten site of one model: its identity, caches per CFG stream, and statistics."""
+
+    def __init__(self, kind: str, uid: int, ordinal: int, key: torch.Tensor | None) -> None:
+        self.kind = kind
+        self.uid = uid
+        self.ordinal = ordinal
+        self._key_ref = weakref.ref(key) if key is not None else None
+        self._fingerprint = _fingerprint(key) if key is not None else None
+        self.caches: dict[int, Any] = {}
+        self.stats = SiteStats()
+
+    @property
+    def key(self) -> torch.Tensor | None:
+        return self._key_ref() if self._key_ref is not None else None
+
+    def check_weights(self, key: torch.Tensor | None) -> None:
+        """Drop the caches when the weight values changed (not merely moved)."""
+        if key is None or self._fingerprint is None:
+            return
+        ptr, version = key.data_ptr(), key._version
+        old_ptr, old_version, old_value = self._fingerprint
+        if ptr == old_ptr and version == old_version:
+            return
+        new = _fingerprint(key)
+        if new[2] != old_value:
+            log.info("chipmunk: weights of %s site %d changed; caches dropped", self.kind, self.ordinal)
+            self.caches.clear()
+        self._fingerprint = new
+
+    def cache(self, stream: int, generation: int) -> Any:
+        """The cache of ``stream`` if it was made in ``generation``, else None."""
+        entry = self.caches.get(stream)
+        if entry is None or entry.generation != generation:
+            return None
+        return entry
+
+
+def _fingerprint(t: torch.Tensor) -> tuple[int, int, float]:
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // 64)
+    sample = flat[::step][:64].double()
+    return t.data_ptr(), t._version, float(sample.sum() + (sample * sample).sum())
+
+
+class ModelState:
+    """All runtime state of one compiled model (or one block, under regional compilation)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, config: ChipmunkConfig) -> None:
+        self.id = next(self._ids)
+        self.config = config
+        self.clock = StepClock(config)
+        self.externally_driven = False
+        self.plans: list[Any] = []
+        self._sites: dict[tuple[int, int], SiteState] = {}
+        self._ordinals: dict[str, int] = {"attention": 0, "mlp": 0}
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(config.seed)
+        self._device_generators: dict[torch.device, torch.Generator] = {}
+
+    def add_plan(self, plan: Any) -> None:
+        if all(p is not plan for p in self.plans):
+            self.plans.append(plan)
+
+    def site(self, kind: str, uid: int, key: torch.Tensor | None) -> SiteState:
+        ident = (uid, id(key) if key is not None else 0)
+        site = self._sites.get(ident)
+        if site is not None and key is not None and site.key is not key:
+            site = None  # the id was reused by a new tensor
+        if site is None:
+            site = SiteState(kind, uid, self._ordinals[kind], key)
+            self._ordinals[kind] += 1
+            self._sites[ident] = site
+        else:
+            site.check_weights(key)
+        return site
+
+    @property
+    def sites(self) -> list[SiteState]:
+        return list(self._sites.values())
+
+    def reset(self) -> None:
+        """Start a new generation at the next call and free every cache."""
+        self.clock.reset()
+        for site in self._sites.values():
+            site.caches.clear()
+
+    def random_generator(self, device: torch.device) -> torch.Generator:
+        if device.type == "cpu":
+            return self.generator
+        gen = self._device_generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.config.seed)
+            self._device_generators[device] = gen
+        return gen
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What the ops of one compiled call see."""
+
+    state: ModelState
+    info: StepInfo
+
+
+_ACTIVE: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("chipmunk_active", default=None)
+
+
+def active_context() -> CallContext | None:
+    return _ACTIVE.get()
+
+
+def activate(ctx: CallContext) -> contextvars.Token:
+    return _ACTIVE.set(ctx)
+
+
+def deactivate(token: contextvars.Token) -> None:
+    _ACTIVE.reset(token)

@@ -1,0 +1,231 @@
+"""Pass: replace GELU/SiLU MLPs with ``torch.ops.chipmunk.mlp``.
+
+Starting at each activation node, recognised forms (torch IR, as Dynamo records diffusers models):
+
+- plain: ``linear(W1) -> gelu|silu -> [dropout(p=0 or eval)] -> linear(W2)``;
+- gated (GEGLU, SwiGLU): ``linear(W1) -> chunk(2, -1) -> u * act(g) -> [dropout] -> linear(W2)``;
+- concatenated (FLUX / HunyuanVideo single-stream blocks): ``act -> cat([other, act], -1) -> linear(W2)``:
+  W2 is split by columns; ``linear(other, W2[:, other cols], b2) + chipmunk.mlp(..., W2 act cols)``.
+
+An intermediate with another user (the pre-activation, the activation) keeps the MLP dense, with the
+reason recorded.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+import chipmunk_compile.ops  # noqa: F401  (registers torch.ops.chipmunk.*)
+from chipmunk_compile.config import MlpConfig
+from chipmunk_compile.passes.graph_utils import (
+    CAT_TARGETS,
+    DROPOUT_TARGETS,
+    GELU_TARGETS,
+    LINEAR_TARGETS,
+    MUL_TARGETS,
+    PASSTHROUGH_METHODS,
+    SILU_TARGETS,
+    arg,
+    hint,
+    is_call,
+    is_weight,
+    module_path,
+    value,
+)
+from chipmunk_compile.passes.sites import Plan, SiteRecord
+
+
+def _activation_name(node: fx.Node) -> str | None:
+    if is_call(node, GELU_TARGETS):
+        approx = arg(node, 1, "approximate", "none")
+        return "gelu_tanh" if approx == "tanh" else ("gelu" if approx == "none" else None)
+    if is_call(node, SILU_TARGETS):
+        return "silu"
+    return None
+
+
+def _is_identity_dropout(node: fx.Node) -> bool:
+    if not is_call(node, DROPOUT_TARGETS):
+        return False
+    p = arg(node, 1, "p", 0.5)
+    training = arg(node, 2, "training", True)
+    return p == 0.0 or training is False
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+class _Match:
+    def __init__(self) -> None:
+        self.x = self.fc1 = self.act = self.out = self.consumer = self.cat = None
+        self.chain: list[fx.Node] = []
+        self.gated = False
+        self.activation = ""
+        self.cat_index = -1
+
+
+def match_mlp(act: fx.Node) -> tuple[_Match | None, str]:
+    """Match the MLP around activation node ``act``; (match, "") or (None, reason)."""
+    m = _Match()
+    m.activation = _activation_name(act) or ""
+    if not m.activation:
+        return None, f"unsupported activation {act.target}"
+    m.act = act
+    h = arg(act, 0, "input")
+    if is_call(h, LINEAR_TARGETS):
+        m.fc1 = h
+        if len(h.users) != 1:
+            return None, "pre-activation (first linear's output) is also used elsewhere"
+        m.out = act
+    elif isinstance(h, fx.Node) and h.op == "call_function" and h.target is operator.getitem:
+        chunk, index = h.args[0], h.args[1]
+        is_chunk = isinstance(chunk, fx.Node) and (
+            (chunk.op == "call_method" and chunk.target == "chunk") or chunk.target is torch.chunk
+        )
+        if not is_chunk or index != 1:
+            return None, "activation input is not the second half of chunk(2) (gated form)"
+        parts = arg(chunk, 1, "chunks")
+        dim = arg(chunk, 2, "dim", 0)
+        fc1 = chunk.args[0]
+        fv = value(fc1)
+        if parts != 2 or fv is None or dim not in (-1, fv.dim() - 1) or not is_call(fc1, LINEAR_TARGETS):
+            return None, "gated form needs linear -> chunk(2, dim=-1)"
+        if len(fc1.users) != 1:
+            return None, "pre-activation (first linear's output) is also used elsewhere"
+        first = [u for u in chunk.users if u.target is operator.getitem and u.args[1] == 0]
+        if len(chunk.users) != 2 or len(first) != 1:
+            return None, "gated halves are used elsewhere"
+        mul = _only_user(act)
+        if mul is None or not is_call(mul, MUL_TARGETS) or set(mul.args) != {first[0], act}:
+            return None, "gated form needs u * act(g)"
+        if len(first[0].users) != 1:
+            return None, "gated halves are used elsewhere"
+        m.fc1, m.gated, m.out = fc1, True, mul
+        m.chain = [first[0], h, chunk]
+    else:
+        return None, "activation input is not produced by a linear"
+    m.x = arg(m.fc1, 0, "input")
+    node = m.out
+    while True:
+        user = _only_user(node)
+        if user is None:
+            return None, f"activation output escapes the pattern ({len(node.users)} users)"
+        if _is_identity_dropout(user) or (user.op == "call_method" and user.target in PASSTHROUGH_METHODS):
+            m.chain.append(user)
+            node = user
+            continue
+        break
+    if is_call(user, LINEAR_TARGETS) and arg(user, 0, "input") is node:
+        m.consumer = user
+        return _check_weights(m)
+    if is_call(user, CAT_TARGETS):
+        parts = arg(user, 0, "tensors")
+        dim = arg(user, 1, "dim", 0)
+        nv = value(node)
+        if not isinstance(parts, (list, tuple)) or len(parts) != 2 or nv is None or dim not in (-1, nv.dim() - 1):
+            return None, "activation is concatenated in an unsupported way"
+        lin = _only_user(user)
+        if lin is None or not is_call(lin, LINEAR_TARGETS) or arg(lin, 0, "input") is not user:
+            return None, "concatenated activation does not feed a single linear"
+        m.cat, m.consumer, m.cat_index = user, lin, list(parts).index(node)
+        return _check_weights(m)
+    return None, f"activation output feeds {user.target} (not a linear)"
+
+
+def _check_weights(m: _Match) -> tuple[_Match | None, str]:
+    w1, w2 = arg(m.fc1, 1, "weight"), arg(m.consumer, 1, "weight")
+    if not (is_weight(w1) and is_weight(w2)):
+        return None, "MLP weights are computed in the graph (e.g. unfused LoRA)"
+    xv = value(m.x)
+    if xv is None:
+        return None, "input without shape information"
+    if xv.dim() < 3:
+        return None, "not a token MLP (input has no sequence dimension, e.g. a timestep embedding)"
+    if xv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None, f"dtype {xv.dtype}"
+    return m, ""
+
+
+def replace_mlp(gm: fx.GraphModule, cfg: MlpConfig, plan: Plan) -> int:
+    """Rewrite every recognised MLP; record every activation candidate in ``plan``."""
+    n = 0
+    erased: set[fx.Node] = set()
+    for act in list(gm.graph.nodes):
+        if act in erased or not (is_call(act, GELU_TARGETS) or is_call(act, SILU_TARGETS)):
+            continue
+        m, reason = match_mlp(act)
+        record = SiteRecord(kind="mlp", status="dense", name=module_path(act) or act.name, uid=plan.next_uid())
+        if m is None:
+            if _is_mlp_like(act):
+                record.reason = reason
+                plan.sites.append(record)
+                counters["chipmunk"]["mlp_dense"] += 1
+            continue
+        record.name = module_path(m.consumer) or module_path(m.fc1) or record.name
+        w1v, w2v, xv = value(arg(m.fc1, 1, "weight")), value(arg(m.consumer, 1, "weight")), value(m.x)
+        f = hint(w1v.shape[0]) // (2 if m.gated else 1)
+        record.shapes = {"x": tuple(hint(s) for s in xv.shape), "w1": tuple(w1v.shape), "w2": tuple(w2v.shape)}
+        record.variant = ("gated " if m.gated else "") + m.activation + (" concat" if m.cat is not None else "")
+        plan.sites.append(record)
+        if not cfg.enabled:
+            record.reason = "MLP sparsity disabled by config"
+            counters["chipmunk"]["mlp_dense"] += 1
+            continue
+        erased |= _rewrite(gm, m, record.uid, f)
+        record.status = "rewritten"
+        counters["chipmunk"]["mlp_rewritten"] += 1
+        n += 1
+    return n
+
+
+def _is_mlp_like(act: fx.Node) -> bool:
+    """Whether a rejected activation looked like an MLP (fed by a linear, directly or via chunk)."""
+    h = arg(act, 0, "input")
+    if is_call(h, LINEAR_TARGETS):
+        return True
+    return isinstance(h, fx.Node) and h.target is operator.getitem and isinstance(h.args[0], fx.Node) and (
+        is_call(h.args[0].args[0] if h.args[0].args else None, LINEAR_TARGETS)
+    )
+
+
+def _rewrite(gm: fx.GraphModule, m: _Match, uid: int, f: int) -> set[fx.Node]:
+    g = gm.graph
+    w1, b1 = arg(m.fc1, 1, "weight"), arg(m.fc1, 2, "bias")
+    lin = m.consumer
+    w2, b2 = arg(lin, 1, "weight"), arg(lin, 2, "bias")
+    with g.inserting_before(lin):
+        if m.cat is None:
+            new = g.call_function(
+                torch.ops.chipmunk.mlp.default, (m.x, w1, b1, w2, b2, uid, m.activation, m.gated, 0, f)
+            )
+        else:
+            parts = list(arg(m.cat, 0, "tensors"))
+            other = parts[1 - m.cat_index]
+            width_other = hint(value(other).shape[-1])
+            off_other, off_act = (0, width_other) if m.cat_index == 1 else (f, 0)
+            w2_other = g.call_function(torch.narrow, (w2, 1, off_other, width_other))
+            part = g.call_function(torch._C._nn.linear, (other, w2_other, b2))
+            delta = g.call_function(
+                torch.ops.chipmunk.mlp.default, (m.x, w1, b1, w2, None, uid, m.activation, m.gated, off_act, f)
+            )
+            new = g.call_function(operator.add, (part, delta))
+            part.meta = dict(lin.meta)
+            delta.meta = dict(lin.meta)
+    new.meta = dict(lin.meta)
+    lin.replace_all_uses_with(new)
+    pending = {n for n in (lin, m.cat, *m.chain, m.out, m.act, m.fc1) if n is not None}
+    erased: set[fx.Node] = set()
+    while True:
+        ready = [n for n in pending if not n.users]
+        if not ready:
+            return erased
+        for node in ready:
+            g.erase_node(node)
+            pending.discard(node)
+            erased.add(node)
