@@ -73,9 +73,9 @@ class Runner:
 
     # ------------------------------------------------------------------ call
     def __call__(self, *args: Any) -> Any:
+        state = self.state_for(args)
         if not self.plan.rewritten():
             return self.compiled(*args)
-        state = self.state_for(args)
         signature = self._signature(args)
         t = args[self.timestep_index] if self.timestep_index is not None else None
         if isinstance(t, torch.Tensor) and t.numel() > 0:

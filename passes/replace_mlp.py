@@ -34,6 +34,7 @@ from chipmunk_compile.passes.graph_utils import (
     is_call,
     is_weight,
     module_path,
+    source_name,
     value,
 )
 from chipmunk_compile.passes.sites import Plan, SiteRecord
@@ -78,6 +79,9 @@ def match_mlp(act: fx.Node) -> tuple[_Match | None, str]:
         return None, f"unsupported activation {act.target}"
     m.act = act
     h = arg(act, 0, "input")
+    hv = value(h)
+    if hv is None or hv.dim() < 3:
+        return None, "not a token MLP (no sequence dimension, e.g. a timestep embedding)"
     if is_call(h, LINEAR_TARGETS):
         m.fc1 = h
         if len(h.users) != 1:
@@ -145,11 +149,15 @@ def _check_weights(m: _Match) -> tuple[_Match | None, str]:
     xv = value(m.x)
     if xv is None:
         return None, "input without shape information"
-    if xv.dim() < 3:
-        return None, "not a token MLP (input has no sequence dimension, e.g. a timestep embedding)"
+    if isinstance(m.x, fx.Node) and m.x.op == "placeholder" and _is_conditioning(source_name(m.x) or m.x.name):
+        return None, "conditioning projection (its input is the text/condition input, constant over steps)"
     if xv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None, f"dtype {xv.dtype}"
     return m, ""
+
+
+def _is_conditioning(name: str) -> bool:
+    return any(w in name for w in ("encoder", "context", "caption", "text", "prompt"))
 
 
 def replace_mlp(gm: fx.GraphModule, cfg: MlpConfig, plan: Plan) -> int:

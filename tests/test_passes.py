@@ -1,0 +1,170 @@
+"""The passes on hand-written graphs: what is rewritten, what stays dense, and why."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+
+import chipmunk_compile
+from chipmunk_compile.testing import TinyDiT
+
+
+def _compile_and_report(module, *args, options=None, check=True, **kwargs):
+    compiled = torch.compile(module, backend="chipmunk", fullgraph=True, options=options or {})
+    with torch.no_grad():
+        out = compiled(*args, **kwargs)
+        ref = module(*args, **kwargs)
+    if check:  # dropout makes both sides random
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    return chipmunk_compile.report(compiled)
+
+
+class Attn(nn.Module):
+    def __init__(self, dim=32, heads=2, **sdpa_kwargs):
+        super().__init__()
+        self.heads, self.kw = heads, sdpa_kwargs
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, mask=None):
+        b, s, d = x.shape
+        ctx = x if context is None else context
+        q = self.to_q(x).view(b, s, self.heads, -1).transpose(1, 2)
+        k = self.to_k(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.to_v(ctx).view(b, ctx.shape[1], self.heads, -1).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.kw).transpose(1, 2).reshape(b, s, d)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim=32, hidden=64, mode="plain"):
+        super().__init__()
+        self.mode = mode
+        self.fc1 = nn.Linear(dim, hidden * (2 if mode == "geglu" else 1))
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(0.0)
+        self.side = nn.Linear(hidden, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.mode == "geglu":
+            u, g = h.chunk(2, dim=-1)
+            return self.fc2(self.drop(u * F.gelu(g)))
+        a = F.gelu(h, approximate="tanh")
+        if self.mode == "escape_pre":
+            return self.fc2(a) + h[..., :32]
+        if self.mode == "escape_act":
+            return self.fc2(a), self.side(a)
+        return self.fc2(self.drop(a))
+
+
+def _only(report, kind):
+    sites = report.by_kind(kind)
+    assert len(sites) == 1, str(report)
+    return sites[0]
+
+
+def test_hand_written_dit_is_rewritten_and_op_survives_into_inductor_code():
+    model = TinyDiT(depth=2, seq=32)
+    compiled = torch.compile(model, backend="chipmunk", fullgraph=True)
+    x, t = torch.randn(1, 32, 8), torch.tensor([900.0])
+    with torch.no_grad():
+        out, code = run_and_get_code(compiled, x, timestep=t)
+        torch.testing.assert_close(out, model(x, timestep=t), atol=1e-5, rtol=1e-4)
+    text = "\n".join(code)
+    assert "torch.ops.chipmunk.attention.default" in text and "torch.ops.chipmunk.mlp.default" in text
+    assert counters["chipmunk"]["attention_rewritten"] == 2 and counters["chipmunk"]["mlp_rewritten"] == 2
+    report = chipmunk_compile.report(compiled)
+    assert len(report.by_kind("attention", "rewritten")) == 2
+    assert [s.name for s in report.by_kind("mlp", "rewritten")] == ["blocks.0.fc1", "blocks.1.fc1"]
+    assert "rewritten" in str(report)
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"is_causal": True}, "causal"),
+        ({"dropout_p": 0.1}, "dropout"),
+    ],
+)
+def test_unsupported_attention_stays_dense_with_reason(kwargs, reason):
+    report = _compile_and_report(Attn(**kwargs).eval(), torch.randn(2, 16, 32), check="dropout_p" not in kwargs)
+    site = _only(report, "attention")
+    assert site.status == "dense" and reason in site.reason
+    assert counters["chipmunk"]["attention_rewritten"] == 0
+
+
+def test_arbitrary_mask_stays_dense_but_key_padding_mask_is_handled():
+    x = torch.randn(2, 16, 32)
+    full = torch.rand(2, 1, 16, 16) > 0.3
+    full[..., 0] = True
+    site = _only(_compile_and_report(Attn(), x, mask=full), "attention")
+    assert site.status == "dense" and "arbitrary attention mask" in site.reason
+    torch._dynamo.reset()
+    pad = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    pad[1, ..., 12:] = False
+    site = _only(_compile_and_report(Attn(), x, mask=pad), "attention")
+    assert site.status == "rewritten" and "masked" in site.variant
+
+
+def test_cross_attention_stays_dense():
+    report = _compile_and_report(Attn(), torch.randn(1, 16, 32), context=torch.randn(1, 7, 32))
+    site = _only(report, "attention")
+    assert site.status == "dense" and "cross-attention" in site.reason
+
+
+def test_gqa_attention_is_rewritten():
+    class Gqa(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q = nn.Linear(8, 8)
+
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(self.to_q(q), k, v, enable_gqa=True)
+
+    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    site = _only(_compile_and_report(Gqa(), q, k, v), "attention")
+    assert site.status == "rewritten"
+
+
+@pytest.mark.parametrize("mode, variant", [("plain", "gelu_tanh"), ("geglu", "gated gelu")])
+def test_mlp_forms_are_rewritten(mode, variant):
+    site = _only(_compile_and_report(Mlp(mode=mode), torch.randn(2, 10, 32)), "mlp")
+    assert site.status == "rewritten" and site.variant == variant
+
+
+@pytest.mark.parametrize(
+    "mode, reason", [("escape_pre", "pre-activation"), ("escape_act", "escapes the pattern")]
+)
+def test_escaping_mlp_intermediates_stay_dense(mode, reason):
+    site = _only(_compile_and_report(Mlp(mode=mode), torch.randn(2, 10, 32)), "mlp")
+    assert site.status == "dense" and reason in site.reason
+    assert counters["chipmunk"]["mlp_rewritten"] == 0
+
+
+def test_concat_single_stream_mlp_splits_the_output_weight():
+    class Single(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attn()
+            self.proj_mlp = nn.Linear(32, 64)
+            self.proj_out = nn.Linear(32 + 64, 32)
+
+        def forward(self, x):
+            return self.proj_out(torch.cat([self.attn(x), F.gelu(self.proj_mlp(x), approximate="tanh")], dim=2))
+
+    report = _compile_and_report(Single(), torch.randn(1, 12, 32))
+    site = _only(report, "mlp")
+    assert site.status == "rewritten" and "concat" in site.variant
+    assert _only(report, "attention").status == "rewritten"
+
+
+def test_opcheck_both_ops():
+    q = torch.randn(2, 2, 9, 8).transpose(1, 2).contiguous().transpose(1, 2)
+    k, v = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    torch.library.opcheck(torch.ops.chipmunk.attention.default, (q, k, v, mask, None, 1, None, False, 0, 0))
+    x, w1, b1 = torch.randn(2, 5, 8), torch.randn(12, 8), torch.randn(12)
+    w2, b2 = torch.randn(4, 14), torch.randn(4)
+    torch.library.opcheck(torch.ops.chipmunk.mlp.default, (x, w1, b1, w2, b2, 2, "gelu", False, 2, 12))
+    torch.library.opcheck(torch.ops.chipmunk.mlp.default, (x, w1, None, w2, None, 3, "silu", True, 0, 6))
