@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from chipmunk_compile.runner import states_of
-from chipmunk_compile.state import ModelState, SiteState
+from chipmunk_compile.state import ModelState
 
 
 @dataclass
@@ -77,30 +77,36 @@ def report(model: torch.nn.Module) -> Report:
 
 
 def _rows(state: ModelState, names: dict[int, str]) -> list[SiteReport]:
-    runtime: dict[int, list[SiteState]] = {}
-    for site in state.sites:
-        runtime.setdefault(site.uid, []).append(site)
+    records = {rec.uid: rec for plan in state.plans for rec in plan.sites}
     out: list[SiteReport] = []
-    for plan in state.plans:
-        for rec in plan.sites:
-            base = dict(kind=rec.kind, status=rec.status, name=rec.name, reason=rec.reason,
-                        shapes=rec.shapes, variant=rec.variant)
-            sites = runtime.get(rec.uid, [])
-            if not sites:
-                out.append(SiteReport(**base))
-                continue
-            for site in sorted(sites, key=lambda s: s.ordinal):
-                row = SiteReport(**base)
-                key = site.key
-                if key is not None and id(key) in names:
-                    row.name = _module_of(names[id(key)], rec.kind)
-                st = site.stats
-                row.kept_fraction = st.kept_fraction
-                row.selections, row.calls = st.selections, st.calls
-                row.dense_calls, row.sparse_calls = st.dense_calls, st.sparse_calls
-                row.last_phase, row.backend, row.errors = st.last_phase, st.backend, list(st.errors)
-                out.append(row)
+    ran: set[tuple[str, str]] = set()
+    for site in sorted(state.sites, key=lambda s: (s.kind != "attention", s.ordinal)):
+        rec = records.get(site.uid)
+        if rec is None:
+            continue
+        row = _row(rec)
+        key = site.key
+        if key is not None and id(key) in names:
+            row.name = _module_of(names[id(key)], rec.kind)
+        st = site.stats
+        row.kept_fraction = st.kept_fraction
+        row.selections, row.calls = st.selections, st.calls
+        row.dense_calls, row.sparse_calls = st.dense_calls, st.sparse_calls
+        row.last_phase, row.backend, row.errors = st.last_phase, st.backend, list(st.errors)
+        out.append(row)
+        ran.add((rec.kind, rec.name))
+    # Sites that have not run (dense ones never create state; a recompiled graph's older records
+    # are covered by the rows above).
+    for rec in records.values():
+        if (rec.kind, rec.name) not in ran:
+            out.append(_row(rec))
+            ran.add((rec.kind, rec.name))
     return out
+
+
+def _row(rec) -> SiteReport:
+    return SiteReport(kind=rec.kind, status=rec.status, name=rec.name, reason=rec.reason, shapes=rec.shapes,
+                      variant=rec.variant)
 
 
 def _module_of(param_name: str, kind: str) -> str:

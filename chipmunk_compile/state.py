@@ -214,7 +214,13 @@ class ModelState:
             self.plans.append(plan)
 
     def site(self, kind: str, uid: int, key: torch.Tensor | None) -> SiteState:
-        ident = (uid, id(key) if key is not None else 0)
+        """The state of the site with weight ``key`` (or, without a weight, graph position ``uid``).
+
+        Keying by the weight, not the graph position, keeps a layer's caches when Dynamo recompiles
+        the graph that contains it (a more general graph for the second block under regional
+        compilation, dynamic shapes after a resolution change).
+        """
+        ident = (kind, id(key)) if key is not None else (kind, -uid)
         site = self._sites.get(ident)
         if site is not None and key is not None and site.key is not key:
             site = None  # the id was reused by a new tensor
@@ -223,6 +229,7 @@ class ModelState:
             self._ordinals[kind] += 1
             self._sites[ident] = site
         else:
+            site.uid = uid
             site.check_weights(key)
         return site
 

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ from torch._dynamo.utils import counters
 # decorated, so it must be set before any test module imports them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Shared test helpers (diffusers_tiny.py) live beside the tests.
+sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(autouse=True)

@@ -159,5 +159,5 @@ MODELS = {
     "pixart": TinyModel("pixart", _pixart, _pixart_inputs, attention=1, mlp=1, cross=1),
     "cogvideox": TinyModel("cogvideox", _cogvideox, _cogvideox_inputs, attention=1, mlp=1),
     "ltx": TinyModel("ltx", _ltx, _ltx_inputs, attention=1, mlp=1, cross=1),
-    "mochi": TinyModel("mochi", _mochi, _mochi_inputs, attention=0, mlp=1, fullgraph=False),
+    "mochi": TinyModel("mochi", _mochi, _mochi_inputs, attention=0, mlp=1, cross=1, fullgraph=False),
 }
