@@ -27,6 +27,7 @@ __all__ = [
     "chipmunk_backend",
     "report",
     "reset",
+    "states_of",
 ]
 
 

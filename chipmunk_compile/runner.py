@@ -8,6 +8,8 @@ so it adds no guards and causes no recompiles.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +22,10 @@ from chipmunk_compile.passes.graph_utils import is_weight, source_name
 from chipmunk_compile.passes.sites import Plan
 from chipmunk_compile.state import CallContext, ModelState, activate, deactivate
 
+# Set by chipmunk_compile.testing.count_flops: a FlopCounterMode to enter around each compiled call. It must
+# be entered here, inside the compiled region: Dynamo runs a model eagerly when a dispatch mode is already
+# active at the call, so a mode opened outside would count the dense eager model instead.
+FLOP_COUNTER: contextvars.ContextVar[Any] = contextvars.ContextVar("chipmunk_flop_counter", default=None)
 _TIMESTEP_NAMES = re.compile(r"\['(timestep|timesteps|t|sigma|sigmas)'\]$")
 _STATES_ATTR = "_chipmunk_model_states"
 
@@ -75,7 +81,8 @@ class Runner:
     def __call__(self, *args: Any) -> Any:
         state = self.state_for(args)
         if not self.plan.rewritten():
-            return self.compiled(*args)
+            with FLOP_COUNTER.get() or contextlib.nullcontext():
+                return self.compiled(*args)
         signature = self._signature(args)
         t = args[self.timestep_index] if self.timestep_index is not None else None
         if isinstance(t, torch.Tensor) and t.numel() > 0:
@@ -86,7 +93,8 @@ class Runner:
             info = state.clock.advance_count(signature)
         token = activate(CallContext(state, info))
         try:
-            return self.compiled(*args)
+            with FLOP_COUNTER.get() or contextlib.nullcontext():
+                return self.compiled(*args)
         finally:
             deactivate(token)
 

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from chipmunk_compile.runner import FLOP_COUNTER
+
 
 class TinyBlock(nn.Module):
     """adaLN-modulated transformer block: x (B, S, D), c (B, D) -> (B, S, D)."""
@@ -55,10 +57,12 @@ class TinyDiT(nn.Module):
         self.t_embed = nn.Sequential(nn.Linear(64, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList(TinyBlock(dim, heads) for _ in range(depth))
         self.out = nn.Linear(dim, channels)
-        with torch.no_grad():
+        with torch.no_grad():  # deterministic by seed, whatever the global RNG state
             for p in self.parameters():
-                if p.dim() >= 2 and p is not self.pos:
-                    p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+                if p is self.pos:
+                    continue
+                fan_in = p.shape[1] if p.dim() >= 2 else 16
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         half = 32
@@ -83,14 +87,29 @@ def denoise(model: Callable, noise: torch.Tensor, steps: int = 50, **kwargs) -> 
     return x
 
 
-def flops_per_call(model: Callable, calls: list[tuple[tuple, dict]]) -> list[int]:
-    """Total FLOPs that FlopCounterMode records for each call of ``model(*args, **kwargs)``."""
+def flops_per_call(model: Callable, calls: list[tuple[tuple, dict]]) -> list[dict[str, int]]:
+    """FLOPs that ``FlopCounterMode`` records for each call of a chipmunk-compiled ``model``.
+
+    Returns one dict per call: ``{"total": ..., "attention": ..., "mlp": ..., "other": ...}``, where
+    attention/MLP are our ops (counted by their registered formulas: what they really computed on this
+    step) and "other" the remaining matmuls of the compiled graph. The counter is entered inside each
+    compiled call (see ``runner.FLOP_COUNTER``): opened around a compiled model it would make Dynamo run
+    the model eagerly.
+    """
     out = []
     with torch.no_grad():
         for args, kwargs in calls:
-            with FlopCounterMode(display=False) as counter:
+            counter = FlopCounterMode(display=False)
+            token = FLOP_COUNTER.set(counter)
+            try:
                 model(*args, **kwargs)
-            out.append(counter.get_total_flops())
+            finally:
+                FLOP_COUNTER.reset(token)
+            by_op = counter.get_flop_counts().get("Global", {})
+            attention = sum(v for k, v in by_op.items() if "chipmunk.attention" in str(k))
+            mlp = sum(v for k, v in by_op.items() if "chipmunk.mlp" in str(k))
+            total = counter.get_total_flops()
+            out.append({"total": total, "attention": attention, "mlp": mlp, "other": total - attention - mlp})
     return out
 
 
