@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 import torch.fx as fx
-
-from chipmunk_compile.config import ChipmunkConfig
 from chipmunk_compile.passes.replace_attention import replace_attention
 from chipmunk_compile.passes.replace_mlp import replace_mlp
 from chipmunk_compile.passes.sites import Plan
+
+from chipmunk_compile.config import ChipmunkConfig
 
 log = logging.getLogger("chipmunk_compile")
 

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch._dynamo.utils import counters
-
-import chipmunk_compile.ops  # noqa: F401  (registers torch.ops.chipmunk.*)
-from chipmunk_compile.config import AttentionConfig
 from chipmunk_compile.passes.graph_utils import (
     CAT_TARGETS,
     LINEAR_TARGETS,
@@ -28,6 +24,10 @@ from chipmunk_compile.passes.graph_utils import (
     value,
 )
 from chipmunk_compile.passes.sites import Plan, SiteRecord
+from torch._dynamo.utils import counters
+
+import chipmunk_compile.ops  # noqa: F401  (registers torch.ops.chipmunk.*)
+from chipmunk_compile.config import AttentionConfig
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_HEAD_DIMS = (64, 128)

@@ -17,10 +17,6 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._dynamo.utils import counters
-
-import chipmunk_compile.ops  # noqa: F401  (registers torch.ops.chipmunk.*)
-from chipmunk_compile.config import MlpConfig
 from chipmunk_compile.passes.graph_utils import (
     CAT_TARGETS,
     DROPOUT_TARGETS,
@@ -38,6 +34,10 @@ from chipmunk_compile.passes.graph_utils import (
     value,
 )
 from chipmunk_compile.passes.sites import Plan, SiteRecord
+from torch._dynamo.utils import counters
+
+import chipmunk_compile.ops  # noqa: F401  (registers torch.ops.chipmunk.*)
+from chipmunk_compile.config import MlpConfig
 
 
 def _activation_name(node: fx.Node) -> str | None:

@@ -7,8 +7,9 @@ Expected counts (per config below), derived from the model code:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
