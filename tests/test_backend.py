@@ -1,0 +1,112 @@
+"""The backend as a user meets it: entry point, modes, dynamic shapes, autograd, no recompiles."""
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+import torch.nn.functional as F
+
+import chipmunk_compile
+from chipmunk_compile.testing import TinyDiT
+
+
+def test_entry_point_works_without_importing_the_package(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        import torch.nn as nn, torch.nn.functional as F
+        assert "chipmunk_compile" not in sys.modules
+        assert "chipmunk" in torch._dynamo.list_backends()
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.qkv, self.fc1, self.fc2 = nn.Linear(16, 48), nn.Linear(16, 32), nn.Linear(32, 16)
+            def forward(self, x, timestep):
+                q, k, v = self.qkv(x).view(1, 8, 3, 2, 8).permute(2, 0, 3, 1, 4)
+                a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, 8, 16)
+                return self.fc2(F.gelu(self.fc1(x + a)))
+        m = Block().eval()
+        x, t = torch.randn(1, 8, 16), torch.tensor([500.0])
+        with torch.no_grad():
+            out = torch.compile(m, backend="chipmunk", fullgraph=True)(x, t)
+            torch.testing.assert_close(out, m(x, t), atol=1e-5, rtol=1e-5)
+        from torch._dynamo.utils import counters
+        print(dict(counters["chipmunk"]))
+        """
+    )
+    path = tmp_path / "user.py"
+    path.write_text(script)
+    res = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "'attention_rewritten': 1" in res.stdout and "'mlp_rewritten': 1" in res.stdout
+
+
+def test_grad_enabled_falls_back_to_inductor_and_says_why():
+    model = TinyDiT(depth=1, seq=16)
+    compiled = torch.compile(model, backend="chipmunk")
+    x, t = torch.randn(1, 16, 8), torch.tensor([500.0])
+    out = compiled(x, timestep=t)  # grad mode on, parameters require grad
+    torch.testing.assert_close(out, model(x, timestep=t), atol=1e-5, rtol=1e-5)
+    report = chipmunk_compile.report(compiled)
+    assert not report.sites and any("autograd is enabled" in n for n in report.notes), str(report)
+    assert "torch.no_grad" in str(report)
+
+
+def test_reduce_overhead_mode_is_accepted_and_correct():
+    model = TinyDiT(depth=2, seq=32).eval()
+    compiled = torch.compile(model, backend="chipmunk", mode="reduce-overhead")
+    x = torch.randn(1, 32, 8)
+    with torch.no_grad():
+        for t in (1000.0, 900.0):
+            torch.testing.assert_close(compiled(x, timestep=torch.tensor([t])), model(x, timestep=torch.tensor([t])),
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_true_rewrites_with_symbolic_sizes():
+    model = TinyDiT(depth=2, seq=64).eval()
+    compiled = torch.compile(model, backend="chipmunk", dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for s in (48, 40):
+            x = torch.randn(1, s, 8)
+            torch.testing.assert_close(compiled(x, timestep=torch.tensor([1000.0])),
+                                       model(x, timestep=torch.tensor([1000.0])), atol=1e-5, rtol=1e-5)
+    report = chipmunk_compile.report(compiled)
+    assert len(report.by_kind("attention", "rewritten")) == 2 and len(report.by_kind("mlp", "rewritten")) == 2
+    assert len(chipmunk_compile.states_of(model)[0].plans) == 1  # one symbolic graph served both sizes
+
+
+def test_no_recompile_across_steps_and_generations():
+    model = TinyDiT(depth=2, seq=32).eval()
+    compiled = torch.compile(model, backend="chipmunk", options={"attention.keep": 0.3})
+    x = torch.randn(2, 32, 8)
+    with torch.no_grad():
+        compiled(x, timestep=torch.tensor(1000.0).expand(2))  # pipelines pass t.expand(B)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2):
+                for t in torch.linspace(1000, 0, 12)[1:]:
+                    compiled(x, timestep=t.expand(2))
+                chipmunk_compile.reset(compiled)
+
+
+def test_hand_written_gelu_mlp_with_exact_gelu_and_no_bias():
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(16, 64, bias=False)
+            self.fc2 = torch.nn.Linear(64, 16, bias=False)
+
+        def forward(self, x, timestep):
+            return self.fc2(F.gelu(self.fc1(x)))
+
+    model = Mlp().eval()
+    compiled = torch.compile(model, backend="chipmunk",
+                             options={"mlp.first_dense_layers": 0, "mlp.first_dense_steps": 1, "mlp.keep": 1.0,
+                                      "mlp.random_keep": 0.0})
+    x = torch.randn(2, 130, 16)
+    with torch.no_grad():
+        for t in (900.0, 800.0, 700.0):
+            torch.testing.assert_close(compiled(x, torch.tensor([t])), model(x, torch.tensor([t])),
+                                       atol=1e-5, rtol=1e-5)
+    (site,) = chipmunk_compile.report(compiled).by_kind("mlp", "rewritten")
+    assert site.variant == "gelu" and site.sparse_calls == 2
