@@ -8,7 +8,7 @@ so it adds no guards and causes no recompiles.
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import contextvars
 import re
 from collections.abc import Callable
@@ -22,10 +22,32 @@ from chipmunk_compile.passes.graph_utils import is_weight, source_name
 from chipmunk_compile.passes.sites import Plan
 from chipmunk_compile.state import CallContext, ModelState, activate, deactivate
 
-# Set by chipmunk_compile.testing.count_flops: a FlopCounterMode to enter around each compiled call. It must
-# be entered here, inside the compiled region: Dynamo runs a model eagerly when a dispatch mode is already
-# active at the call, so a mode opened outside would count the dense eager model instead.
-FLOP_COUNTER: contextvars.ContextVar[Any] = contextvars.ContextVar("chipmunk_flop_counter", default=None)
+
+class FlopTally:
+    """FLOPs per op of every compiled call made while it is installed in :data:`FLOP_COUNTER`.
+
+    A ``FlopCounterMode`` is entered inside each compiled call: opened around a compiled model it would
+    make Dynamo run the model eagerly (dispatch modes disable compiled code), counting the dense model.
+    """
+
+    def __init__(self) -> None:
+        self.by_op: collections.Counter = collections.Counter()
+        self.calls = 0
+
+    def run(self, fn: Callable, *args: Any) -> Any:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as mode:
+            out = fn(*args)
+        self.by_op.update({str(k): v for k, v in mode.get_flop_counts().get("Global", {}).items()})
+        self.calls += 1
+        return out
+
+    def total(self, substring: str = "") -> int:
+        return sum(v for k, v in self.by_op.items() if substring in k)
+
+
+FLOP_COUNTER: contextvars.ContextVar[FlopTally | None] = contextvars.ContextVar("chipmunk_flops", default=None)
 _TIMESTEP_NAMES = re.compile(r"\['(timestep|timesteps|t|sigma|sigmas)'\]$")
 _STATES_ATTR = "_chipmunk_model_states"
 
@@ -70,6 +92,10 @@ class Runner:
         state.add_plan(self.plan)
         return state
 
+    def _run(self, args: tuple) -> Any:
+        tally = FLOP_COUNTER.get()
+        return self.compiled(*args) if tally is None else tally.run(self.compiled, *args)
+
     def _signature(self, args: tuple) -> tuple:
         sig: list[Any] = []
         for i in self.user_indices:
@@ -81,8 +107,7 @@ class Runner:
     def __call__(self, *args: Any) -> Any:
         state = self.state_for(args)
         if not self.plan.rewritten():
-            with FLOP_COUNTER.get() or contextlib.nullcontext():
-                return self.compiled(*args)
+            return self._run(args)
         signature = self._signature(args)
         t = args[self.timestep_index] if self.timestep_index is not None else None
         if isinstance(t, torch.Tensor) and t.numel() > 0:
@@ -93,8 +118,7 @@ class Runner:
             info = state.clock.advance_count(signature)
         token = activate(CallContext(state, info))
         try:
-            with FLOP_COUNTER.get() or contextlib.nullcontext():
-                return self.compiled(*args)
+            return self._run(args)
         finally:
             deactivate(token)
 

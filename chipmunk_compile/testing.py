@@ -15,9 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-from chipmunk_compile.runner import FLOP_COUNTER
+from chipmunk_compile.runner import FLOP_COUNTER, FlopTally
 
 
 class TinyBlock(nn.Module):
@@ -92,24 +91,20 @@ def flops_per_call(model: Callable, calls: list[tuple[tuple, dict]]) -> list[dic
 
     Returns one dict per call: ``{"total": ..., "attention": ..., "mlp": ..., "other": ...}``, where
     attention/MLP are our ops (counted by their registered formulas: what they really computed on this
-    step) and "other" the remaining matmuls of the compiled graph. The counter is entered inside each
-    compiled call (see ``runner.FLOP_COUNTER``): opened around a compiled model it would make Dynamo run
-    the model eagerly.
+    step) and "other" the remaining matmuls of the compiled graph.
     """
     out = []
     with torch.no_grad():
         for args, kwargs in calls:
-            counter = FlopCounterMode(display=False)
-            token = FLOP_COUNTER.set(counter)
+            tally = FlopTally()
+            token = FLOP_COUNTER.set(tally)
             try:
                 model(*args, **kwargs)
             finally:
                 FLOP_COUNTER.reset(token)
-            by_op = counter.get_flop_counts().get("Global", {})
-            attention = sum(v for k, v in by_op.items() if "chipmunk.attention" in str(k))
-            mlp = sum(v for k, v in by_op.items() if "chipmunk.mlp" in str(k))
-            total = counter.get_total_flops()
-            out.append({"total": total, "attention": attention, "mlp": mlp, "other": total - attention - mlp})
+            attention, mlp = tally.total("chipmunk.attention"), tally.total("chipmunk.mlp")
+            out.append({"total": tally.total(), "attention": attention, "mlp": mlp,
+                        "other": tally.total() - attention - mlp})
     return out
 
 
