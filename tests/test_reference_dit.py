@@ -84,15 +84,13 @@ def test_patchify_roundtrip_and_token_order(variant):
     assert torch.equal(tokens[:, 1].view(2, ph, pw, 3).permute(0, 3, 1, 2), first)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_standalone_euler_matches_diffusers_scheduler(variant):
-    model = _tiny_random_dit(variant)
-    labels = torch.tensor([1, 5])
+def test_standalone_euler_matches_diffusers_scheduler():
+    """train.py's diffusers-free loop (used on the GPU machine) equals sample.py's scheduler loop."""
+    model = _tiny_random_dit("video")
+    labels = torch.tensor([5])
     ours = rd_train.euler_sample(model, model.config, labels, num_steps=3, guidance_scale=2.0, seed=3)
     ref = rd_sample.sample(model, model.config, labels, num_steps=3, guidance_scale=2.0, seed=3)
-    seq = rd_sample.sample(
-        model, model.config, labels, num_steps=3, guidance_scale=2.0, seed=3, cfg_batched=False
-    )
+    seq = rd_sample.sample(model, model.config, labels, num_steps=3, guidance_scale=2.0, seed=3, cfg_batched=False)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(seq, ref, rtol=1e-5, atol=1e-5)
 

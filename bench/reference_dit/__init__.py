@@ -1,0 +1,1 @@
+"""Reference DiT trained here as the output-quality yardstick for chipmunk_compile (see README.md)."""
