@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -105,17 +106,36 @@ class Runner:
 
     # ------------------------------------------------------------------ call
     def __call__(self, *args: Any) -> Any:
-        state = self.state_for(args)
-        if not self.plan.rewritten():
-            return self._run(args)
-        signature = self._signature(args)
         t = args[self.timestep_index] if self.timestep_index is not None else None
-        if isinstance(t, torch.Tensor) and t.numel() > 0:
-            info = state.clock.advance_timestep(float(t.reshape(-1)[0]), signature)
-        elif isinstance(t, (int, float)):
-            info = state.clock.advance_timestep(float(t), signature)
+        driver = None if t is not None else _enclosing_forward()
+        if driver is not None:
+            # A region of a larger model (regional compilation, or a graph after a graph break): the
+            # enclosing eager forward holds the timestep; all regions of one forward share one step.
+            module, t_outer, signature = driver
+            state = _module_state(module, self.config)
+            state.add_plan(self.plan)
+            if not self.plan.rewritten():
+                return self._run(args)
+            # Each region runs once per forward: a region seen again (or a new timestep) is a new forward.
+            region = (id(self), id(args[self.anchor_index]) if self.anchor_index is not None else 0)
+            t_value = _first(t_outer)
+            if state.forward_info is None or region in state.forward_seen or t_value != state.forward_t:
+                state.forward_seen.clear()
+                state.forward_t = t_value
+                state.forward_info = state.clock.advance_timestep(t_value, signature)
+            state.forward_seen.add(region)
+            info = state.forward_info
         else:
-            info = state.clock.advance_count(signature)
+            state = self.state_for(args)
+            if not self.plan.rewritten():
+                return self._run(args)
+            signature = self._signature(args)
+            if isinstance(t, torch.Tensor) and t.numel() > 0:
+                info = state.clock.advance_timestep(_first(t), signature)
+            elif isinstance(t, (int, float)):
+                info = state.clock.advance_timestep(float(t), signature)
+            else:
+                info = state.clock.advance_count(signature)
         token = activate(CallContext(state, info))
         try:
             return self._run(args)
@@ -123,9 +143,46 @@ class Runner:
             deactivate(token)
 
 
+def _first(t: Any) -> float:
+    return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+
+
+def _enclosing_forward(max_depth: int = 48) -> tuple[torch.nn.Module, Any, tuple] | None:
+    """The innermost eager ``forward`` on the call stack that has a ``timestep`` argument, if any.
+
+    Returns (its module, the timestep, a shape signature). Used only by graphs without a timestep input;
+    costs a walk over code objects, reading locals only of frames whose code has a ``timestep`` variable.
+    """
+    frame = sys._getframe(2)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if "timestep" in code.co_varnames and "self" in code.co_varnames:
+            local = frame.f_locals
+            t, module = local.get("timestep"), local.get("self")
+            if isinstance(module, torch.nn.Module) and isinstance(t, (torch.Tensor, int, float)):
+                hidden = local.get("hidden_states", local.get("x"))
+                sig = (tuple(hidden.shape),) if isinstance(hidden, torch.Tensor) else ()
+                return module, t, sig
+        frame = frame.f_back
+    return None
+
+
+def _module_state(module: torch.nn.Module, config: ChipmunkConfig) -> ModelState:
+    states = module.__dict__.setdefault(_STATES_ATTR, {})
+    state = states.get(config)
+    if state is None:
+        state = states[config] = ModelState(config)
+    return state
+
+
 def states_of(module: torch.nn.Module) -> list[ModelState]:
-    """Every ModelState attached to a module's parameters (deduplicated, in order of discovery)."""
+    """Every ModelState of a module: on its parameters (whole-model graphs) or on the module itself
+    (regions driven by its forward). Deduplicated, in order of discovery."""
     found: dict[int, ModelState] = {}
+    for state in module.__dict__.get(_STATES_ATTR, {}).values():
+        found.setdefault(state.id, state)
     for p in list(module.parameters()) + list(module.buffers()):
         for state in getattr(p, _STATES_ATTR, {}).values():
             found.setdefault(state.id, state)

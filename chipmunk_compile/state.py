@@ -201,7 +201,10 @@ class ModelState:
         self.id = next(self._ids)
         self.config = config
         self.clock = StepClock(config)
-        self.externally_driven = False
+        # Regions driven by an enclosing forward (see runner): the step of the forward in progress.
+        self.forward_info: StepInfo | None = None
+        self.forward_t: float | None = None
+        self.forward_seen: set[tuple[int, int]] = set()
         self.plans: list[Any] = []
         self._sites: dict[tuple[int, int], SiteState] = {}
         self._ordinals: dict[str, int] = {"attention": 0, "mlp": 0}
@@ -240,6 +243,7 @@ class ModelState:
     def reset(self) -> None:
         """Start a new generation at the next call and free every cache."""
         self.clock.reset()
+        self.forward_info = None
         for site in self._sites.values():
             site.caches.clear()
 

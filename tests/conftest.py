@@ -1,14 +1,15 @@
 import os
 import sys
 
-import pytest
 import torch
-from torch._dynamo.utils import counters
 
-# Kernels are exercised under the Triton interpreter on CPU; the variable is read when kernels are
-# decorated, so it must be set before any test module imports them.
+# Kernels are exercised under the Triton interpreter on CPU. The variable is read when triton and the
+# kernels are imported, so it must be set before anything imports triton (torch._dynamo does).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 # Shared test helpers (diffusers_tiny.py) live beside the tests.
 sys.path.insert(0, os.path.dirname(__file__))

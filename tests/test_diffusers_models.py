@@ -83,3 +83,31 @@ def test_regional_compilation_keeps_separate_state_per_block():
                      "transformer_blocks.0.attn", "transformer_blocks.1.attn"], str(report)
     assert all(s.calls == 2 for s in attn)
     assert len(report.by_kind("mlp", "rewritten")) == 2 * 2 + 2
+
+
+def test_regional_compilation_follows_the_models_timestep():
+    """Blocks get no timestep input: the step comes from the enclosing forward, shared by all blocks."""
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    spec = MODELS["flux"]
+    model.compile_repeated_blocks(backend="chipmunk", options={"attention.first_dense_layers": 1})
+    with torch.no_grad():
+        for t in (1000.0, 1000.0, 900.0, 900.0, 800.0, 800.0):  # two CFG calls per step
+            model(**spec.inputs(torch.tensor([t])))
+        out = model(**spec.inputs(torch.tensor([1000.0])))[0]  # rising timestep: new generation, dense
+    attn = chipmunk_compile.report(model).by_kind("attention", "rewritten")
+    # model-wide ordinals: only the first attention site is "first layers"; the rest go sparse at step 2
+    by_name = {s.name: s for s in attn}
+    assert by_name["transformer_blocks.0.attn"].sparse_calls == 0
+    rest = [s for n, s in by_name.items() if n != "transformer_blocks.0.attn"]
+    assert len(rest) == 3 and all(s.sparse_calls == 2 and s.dense_calls == 5 for s in rest), str(by_name)
+    torch._dynamo.reset()
+    ref = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                 pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(**spec.inputs(torch.tensor([1000.0])))[0], atol=1e-5, rtol=1e-4)

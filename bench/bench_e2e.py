@@ -1,0 +1,241 @@
+"""End-to-end: a real diffusers model class at its real size, random bf16 weights, a 50-step scheduler loop,
+``torch.compile`` default (Inductor) vs ``backend="chipmunk"`` with the matching preset, in one run.
+
+    python bench/bench_e2e.py --model flux                 # FLUX.1-dev architecture, 1280x768, on CUDA
+    python bench/bench_e2e.py --model flux --size tiny     # a CPU smoke run of the same code
+
+Per backend: one warm-up generation (compiles), then timed generations. Reports seconds per generation,
+the speedup, compile time (first generation minus a warm one), peak GPU memory, per-step times (so dense,
+selection and sparse steps can be told apart), recompiles after warm-up, and the final-latent relative L2
+between the two (random weights: a sanity check, not a quality measure). Appends rows to
+``bench/results/e2e_<card>_<date>.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+FLUX_TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
+                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                 axes_dims_rope=(4, 6, 6))
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    model: str = "flux"
+    size: str = "real"
+    steps: int = 50
+    height: int = 768
+    width: int = 1280
+    text_tokens: int = 512
+    regional: bool = True
+    repeats: int = 1
+    preset: str = "flux"
+    overrides: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass
+class E2EResult:
+    backend: str
+    seconds_per_generation: float
+    first_generation_s: float
+    compile_s: float
+    peak_gb: float
+    recompiles_after_warmup: int
+    step_ms: list[float] = field(default_factory=list)
+
+
+def build_flux(cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
+    from diffusers import FluxTransformer2DModel
+
+    params = FLUX_DEV if cfg.size == "real" else FLUX_TINY
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**params).eval()
+    finally:
+        torch.set_default_dtype(old)
+    if cfg.size == "real":
+        h, w, txt = cfg.height // 16, cfg.width // 16, cfg.text_tokens  # 8x VAE, then 2x2 packing
+    else:
+        h, w, txt = 8, 8, 16
+    n = h * w
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(n, 2).float()
+    inputs = dict(
+        encoder_hidden_states=torch.randn(1, txt, params["joint_attention_dim"], generator=g).to(device, dtype),
+        pooled_projections=torch.randn(1, params["pooled_projection_dim"], generator=g).to(device, dtype),
+        img_ids=torch.cat([torch.zeros(n, 1), ids], 1).to(device, dtype),
+        txt_ids=torch.zeros(txt, 3, device=device, dtype=dtype),
+        guidance=torch.full((1,), 3.5, device=device, dtype=torch.float32),
+        return_dict=False,
+    )
+    latent_shape = (1, n, params["in_channels"])
+
+    def call(m, latents, t):
+        return m(hidden_states=latents, timestep=(t / 1000).expand(1).to(dtype), **inputs)[0]
+
+    return model, latent_shape, call
+
+
+def generate(model, call, latent_shape, steps, device, dtype, step_times: list[float] | None = None):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched.set_timesteps(steps, device=device)
+    latents = torch.randn(latent_shape, generator=torch.Generator(device="cpu").manual_seed(0)).to(device, dtype)
+    cuda = device.type == "cuda"
+    with torch.no_grad():
+        for t in sched.timesteps:
+            if step_times is not None and cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            v = call(model, latents, t)
+            latents = sched.step(v, t, latents).prev_sample
+            if step_times is not None:
+                if cuda:
+                    end.record()
+                    end.synchronize()
+                    step_times.append(start.elapsed_time(end))
+                else:
+                    step_times.append((time.perf_counter() - t0) * 1e3)
+    return latents
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, torch.Tensor, str]:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, shape, call = build_flux(cfg, device, dtype)
+    kwargs: dict = {}
+    if name == "chipmunk":
+        kwargs["options"] = {"preset": cfg.preset, **dict(cfg.overrides)}
+    if cfg.regional:
+        model.compile_repeated_blocks(backend=name, **kwargs)
+        compiled = model
+    else:
+        compiled = torch.compile(model, backend=name, **kwargs)
+    _sync(device)
+    t0 = time.perf_counter()
+    generate(compiled, call, shape, cfg.steps, device, dtype)
+    _sync(device)
+    first = time.perf_counter() - t0
+    graphs = counters["stats"]["unique_graphs"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, steps_ms, out = [], [], None
+    for _ in range(cfg.repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = generate(compiled, call, shape, cfg.steps, device, dtype)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    generate(compiled, call, shape, cfg.steps, device, dtype, step_times=steps_ms)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    sec = statistics.median(times)
+    report = ""
+    if name == "chipmunk":
+        import chipmunk_compile
+
+        report = str(chipmunk_compile.report(model))
+    res = E2EResult(name, sec, first, first - sec, peak, counters["stats"]["unique_graphs"] - graphs, steps_ms)
+    del model, compiled
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res, out, report
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return ""
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["flux"], default="flux")
+    p.add_argument("--size", choices=["real", "tiny"], default="real")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--full-graph-compile", action="store_true", help="compile the whole model, not per block")
+    p.add_argument("--preset", default="flux")
+    p.add_argument("--set", action="append", default=[], help="chipmunk override KEY=VALUE (JSON value)")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    overrides = tuple((k, json.loads(v)) for k, v in (s.split("=", 1) for s in args.set))
+    cfg = E2EConfig(model=args.model, size=args.size, steps=args.steps, regional=not args.full_graph_compile,
+                    repeats=args.repeats, preset=args.preset, overrides=overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results, outs, report = {}, {}, ""
+    for name in ("inductor", "chipmunk"):
+        res, out, rep = run_backend(name, cfg, device, dtype)
+        results[name], outs[name] = res, out
+        report = rep or report
+        print(f"{name}: {res.seconds_per_generation:.3f} s/gen, first {res.first_generation_s:.1f} s, "
+              f"compile {res.compile_s:.1f} s, peak {res.peak_gb:.1f} GB, recompiles {res.recompiles_after_warmup}",
+              flush=True)
+    rel = float((outs["chipmunk"].float() - outs["inductor"].float()).norm() / outs["inductor"].float().norm())
+    speedup = results["inductor"].seconds_per_generation / results["chipmunk"].seconds_per_generation
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    path = out_dir / f"e2e_{card.replace(' ', '_')}_{date}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["card", "torch", "triton", "git_sha", "date", "model", "size", "steps", "regional", "preset",
+                        "overrides", "backend", "seconds_per_generation", "speedup_vs_inductor", "compile_s",
+                        "first_generation_s", "peak_gb", "recompiles_after_warmup", "rel_l2_vs_inductor",
+                        "step_ms_median_dense_steps", "step_ms_median_all"])
+        for name, r in results.items():
+            w.writerow([card, torch.__version__, triton_version, _git_sha(), date, cfg.model, cfg.size, cfg.steps,
+                        cfg.regional, cfg.preset if name == "chipmunk" else "", dict(cfg.overrides), name,
+                        f"{r.seconds_per_generation:.4f}",
+                        f"{results['inductor'].seconds_per_generation / r.seconds_per_generation:.3f}",
+                        f"{r.compile_s:.1f}", f"{r.first_generation_s:.1f}", f"{r.peak_gb:.2f}",
+                        r.recompiles_after_warmup, f"{rel:.4g}" if name == "chipmunk" else "",
+                        f"{statistics.median(r.step_ms[:2]):.2f}" if r.step_ms else "",
+                        f"{statistics.median(r.step_ms):.2f}" if r.step_ms else ""])
+    (out_dir / f"e2e_steps_{cfg.model}_{date}.json").write_text(
+        json.dumps({"config": asdict(cfg), "card": card, "results": {k: asdict(v) for k, v in results.items()}}))
+    print(report)
+    print(f"speedup chipmunk vs inductor: {speedup:.3f}x on {card}; final latent rel L2 {rel:.3g}; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
