@@ -156,8 +156,17 @@ def run_mlp(
         entry.indices, entry.selected_at = idx, info.step
         stats.selections += 1
         sel_flops = 2 * bsz * bm.shape[1] * din * w1.shape[0]
-    fn = mlp_kernels.column_sparse_mlp_delta if triton else mlp_kernels.column_sparse_mlp_delta_ref
-    fn(x3, w1, b1, w2s, entry.indices, entry.act, entry.out, activation=activation, gated=gated,
+    if triton:
+        # The kernel gathers rows of W2ᵀ: keep one contiguous transposed copy per site (made once; a
+        # strided view of W2 itself makes the gather uncoalesced and the sparse step slower than dense).
+        w2t = site.weight_copies.get("w2t")
+        if w2t is None or w2t.device != w2.device or w2t.shape != (w2.shape[1], w2.shape[0]):
+            w2t = site.weight_copies["w2t"] = w2.t().contiguous()
+        w2_sparse = w2t.narrow(0, w2_offset, w2_width).t()
+        fn = mlp_kernels.column_sparse_mlp_delta
+    else:
+        w2_sparse, fn = w2s, mlp_kernels.column_sparse_mlp_delta_ref
+    fn(x3, w1, b1, w2_sparse, entry.indices, entry.act, entry.out, activation=activation, gated=gated,
        block_size=cfg.block)
     out = entry.out.clone()
     stats.sparse_calls += 1

@@ -157,6 +157,7 @@ class SiteState:
         self._key_ref = weakref.ref(key) if key is not None else None
         self._fingerprint = _fingerprint(key) if key is not None else None
         self.caches: dict[int, Any] = {}
+        self.weight_copies: dict[str, torch.Tensor] = {}  # derived layouts of the site's weights
         self.stats = SiteStats()
 
     @property
@@ -175,6 +176,7 @@ class SiteState:
         if new[2] != old_value:
             log.info("chipmunk: weights of %s site %d changed; caches dropped", self.kind, self.ordinal)
             self.caches.clear()
+            self.weight_copies.clear()
         self._fingerprint = new
 
     def cache(self, stream: int, generation: int) -> Any:
