@@ -47,6 +47,7 @@ class E2EConfig:
     repeats: int = 1
     preset: str = "flux"
     overrides: tuple[tuple[str, object], ...] = ()
+    profile_dir: str = ""
 
 
 @dataclass
@@ -95,15 +96,28 @@ def build_flux(cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
     return model, latent_shape, call
 
 
-def generate(model, call, latent_shape, steps, device, dtype, step_times: list[float] | None = None):
+def generate(model, call, latent_shape, steps, device, dtype, step_times: list[float] | None = None,
+             profile: tuple[int, int, str] | None = None):
+    """One generation. ``profile=(first, last, path)`` writes a CUDA-time table of steps [first, last)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     sched.set_timesteps(steps, device=device)
     latents = torch.randn(latent_shape, generator=torch.Generator(device="cpu").manual_seed(0)).to(device, dtype)
     cuda = device.type == "cuda"
+    prof = None
     with torch.no_grad():
-        for t in sched.timesteps:
+        for i, t in enumerate(sched.timesteps):
+            if profile is not None and i == profile[0]:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+                prof.__enter__()
+            if profile is not None and i == profile[1] and prof is not None:
+                torch.cuda.synchronize()
+                prof.__exit__(None, None, None)
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+                Path(profile[2]).write_text(table)
+                prof = None
             if step_times is not None and cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -155,6 +169,10 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
         _sync(device)
         times.append(time.perf_counter() - t0)
     generate(compiled, call, shape, cfg.steps, device, dtype, step_times=steps_ms)
+    if cfg.profile_dir and device.type == "cuda":
+        for first in (2, 3):  # a sparse step that reuses the MLP selection, and one that reselects
+            generate(compiled, call, shape, cfg.steps, device, dtype,
+                     profile=(first, first + 1, f"{cfg.profile_dir}/profile_{name}_step{first}.txt"))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     sec = statistics.median(times)
     report = ""
@@ -187,10 +205,12 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="flux")
     p.add_argument("--set", action="append", default=[], help="chipmunk override KEY=VALUE (JSON value)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--profile", action="store_true", help="write CUDA-time tables of two steps to --out")
     args = p.parse_args(argv)
     overrides = tuple((k, json.loads(v)) for k, v in (s.split("=", 1) for s in args.set))
     cfg = E2EConfig(model=args.model, size=args.size, steps=args.steps, regional=not args.full_graph_compile,
-                    repeats=args.repeats, preset=args.preset, overrides=overrides)
+                    repeats=args.repeats, preset=args.preset, overrides=overrides,
+                    profile_dir=args.out if args.profile else "")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results, outs, report = {}, {}, ""

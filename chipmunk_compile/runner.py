@@ -12,6 +12,7 @@ import collections
 import contextvars
 import re
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -118,7 +119,12 @@ class Runner:
                 return self._run(args)
             # Each region runs once per forward: a region seen again (or a new timestep) is a new forward.
             region = (id(self), id(args[self.anchor_index]) if self.anchor_index is not None else 0)
-            t_value = _first(t_outer)
+            # Read the timestep (a device sync) once per forward, not once per region: while the same
+            # tensor object is alive, its value is the one already read.
+            known = state.forward_t_ref is not None and state.forward_t_ref() is t_outer
+            t_value = state.forward_t if known else _first(t_outer)
+            if not known:
+                state.forward_t_ref = weakref.ref(t_outer) if isinstance(t_outer, torch.Tensor) else None
             if state.forward_info is None or region in state.forward_seen or t_value != state.forward_t:
                 state.forward_seen.clear()
                 state.forward_t = t_value

@@ -67,17 +67,19 @@ def hidden_activation(x, w1, b1, activation: str, gated: bool) -> tuple[torch.Te
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, S, C) -> (B, nb, C) fp32 means over consecutive blocks of ``block`` tokens (last may be short)."""
+    """(B, S, C) -> (B, nb, C) fp32 means over consecutive blocks of ``block`` tokens (last may be short).
+
+    Accumulates in fp32 without materialising an fp32 copy of ``x`` (on dense steps x is the whole
+    pre-activation, B·S·F elements).
+    """
     b, s, c = x.shape
-    nb = -(-s // block)
-    pad = nb * block - s
-    xf = x.float()
-    if pad:
-        xf = F.pad(xf, (0, 0, 0, pad))
-    sums = xf.reshape(b, nb, block, c).sum(2)
-    sizes = torch.full((nb,), float(block), device=x.device)
-    sizes[-1] = block - pad
-    return sums / sizes[None, :, None]
+    full, tail = divmod(s, block)
+    parts = []
+    if full:
+        parts.append(torch.sum(x[:, : full * block].reshape(b, full, block, c), dim=2, dtype=torch.float32) / block)
+    if tail:
+        parts.append(torch.sum(x[:, full * block :], dim=1, keepdim=True, dtype=torch.float32) / tail)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def mlp_flops(m: int, din: int, f: int, dout: int, gated: bool) -> int:

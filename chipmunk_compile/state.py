@@ -206,6 +206,7 @@ class ModelState:
         # Regions driven by an enclosing forward (see runner): the step of the forward in progress.
         self.forward_info: StepInfo | None = None
         self.forward_t: float | None = None
+        self.forward_t_ref: Any = None  # weakref to the timestep tensor whose value is forward_t
         self.forward_seen: set[tuple[int, int]] = set()
         self.plans: list[Any] = []
         self._sites: dict[tuple[int, int], SiteState] = {}
