@@ -119,7 +119,11 @@ def run_mlp(
     stats = site.stats
     stats.calls += 1
     stats.dense_flops = mlp_flops(bsz * s, din, f, dout, gated)
-    why_not = _use_triton(x3, w1, w2s, ctx.state.config.use_triton)
+    signature = (x3.shape, x3.stride(), x3.dtype, x3.device, w2_offset, w2_width, b1 is None)
+    checks = site.launch_checks.get(signature)
+    if checks is None:
+        checks = site.launch_checks[signature] = [_use_triton(x3, w1, w2s, ctx.state.config.use_triton), False]
+    why_not = checks[0]
     triton = why_not is None
     stats.backend = "triton" if triton else f"pytorch ({why_not})"
 
@@ -152,7 +156,7 @@ def run_mlp(
         diff = (bm - entry.block_mean).abs_()
         if gated:
             diff = diff[..., :f] + diff[..., f:]
-        idx, _ = select_columns(diff, k_top, n_rand, ctx.state.random_generator(x3.device))
+        idx, _ = select_columns(diff, k_top, n_rand, ctx.state.random_generator(x3.device), all_valid=True)
         ref_idx = torch.cat([idx, idx + f], dim=-1).long() if gated else idx.long()
         entry.block_mean.scatter_(-1, ref_idx, bm.gather(-1, ref_idx))
         entry.indices, entry.selected_at = idx, info.step
@@ -164,12 +168,14 @@ def run_mlp(
         w2t = site.weight_copies.get("w2t")
         if w2t is None or w2t.device != w2.device or w2t.shape != (w2.shape[1], w2.shape[0]):
             w2t = site.weight_copies["w2t"] = w2.t().contiguous()
-        w2_sparse = w2t.narrow(0, w2_offset, w2_width).t()
-        fn = mlp_kernels.column_sparse_mlp_delta
+        mlp_kernels.column_sparse_mlp_delta(
+            x3, w1, b1, w2t.narrow(0, w2_offset, w2_width).t(), entry.indices, entry.act, entry.out,
+            activation=activation, gated=gated, block_size=cfg.block, validate=not checks[1],
+        )
+        checks[1] = True
     else:
-        w2_sparse, fn = w2s, mlp_kernels.column_sparse_mlp_delta_ref
-    fn(x3, w1, b1, w2_sparse, entry.indices, entry.act, entry.out, activation=activation, gated=gated,
-       block_size=cfg.block)
+        mlp_kernels.column_sparse_mlp_delta_ref(x3, w1, b1, w2s, entry.indices, entry.act, entry.out,
+                                                activation=activation, gated=gated, block_size=cfg.block)
     out = entry.out.clone()
     stats.sparse_calls += 1
     kept = entry.indices.shape[-1] / f

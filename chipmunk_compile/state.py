@@ -158,6 +158,9 @@ class SiteState:
         self._fingerprint = _fingerprint(key) if key is not None else None
         self.caches: dict[int, Any] = {}
         self.weight_copies: dict[str, torch.Tensor] = {}  # derived layouts of the site's weights
+        # Host-side decisions that depend only on shapes/dtypes/layouts, made once per signature:
+        # signature -> (reason the Triton path cannot run, or None; whether a launch was validated).
+        self.launch_checks: dict[tuple, list] = {}
         self.stats = SiteStats()
 
     @property
@@ -177,6 +180,7 @@ class SiteState:
             log.info("chipmunk: weights of %s site %d changed; caches dropped", self.kind, self.ordinal)
             self.caches.clear()
             self.weight_copies.clear()
+            self.launch_checks.clear()
         self._fingerprint = new
 
     def cache(self, stream: int, generation: int) -> Any:

@@ -346,6 +346,7 @@ def column_sparse_mlp_delta(
     gated: bool,
     block_size: int,
     config: ColumnSparseMlpConfig | None = None,
+    validate: bool = True,
 ) -> None:
     """One cached-delta sparse MLP step, in place on ``act_cache`` and ``out_cache`` (Triton).
 
@@ -365,19 +366,22 @@ def column_sparse_mlp_delta(
         block_size: tokens per selection block, a multiple of 64 (128 default; 256/512 share one
             selection between several 128-row tiles).
         config: tile shapes (benchmarks and tests only).
+        validate: check every argument (skip only for a call whose shapes, dtypes and layouts a
+            previous validated call already had: the checks cost host time on every step).
     """
-    _check(
-        isinstance(block_size, int) and block_size > 0 and block_size % 64 == 0,
-        f"block_size must be a positive multiple of 64 for the Triton path, got {block_size!r}",
-    )
-    _validate(x, w1, b1, w2, indices, act_cache, out_cache, activation, gated, block_size)
-    reason = supports(x, w1, w2)
-    if reason is not None:
-        raise ValueError(f"column_sparse_mlp_delta: Triton path unsupported: {reason}")
+    if validate:
+        _check(
+            isinstance(block_size, int) and block_size > 0 and block_size % 64 == 0,
+            f"block_size must be a positive multiple of 64 for the Triton path, got {block_size!r}",
+        )
+        _validate(x, w1, b1, w2, indices, act_cache, out_cache, activation, gated, block_size)
+        reason = supports(x, w1, w2)
+        if reason is not None:
+            raise ValueError(f"column_sparse_mlp_delta: Triton path unsupported: {reason}")
     cfg = config or default_config(gated, x.dtype)
     if indices.stride(2) != 1:
         indices = indices.contiguous()
-    if x.is_cuda and w2.stride(0) != 1:
+    if validate and x.is_cuda and w2.stride(0) != 1:
         warnings.warn(
             "column_sparse_mlp_delta: w2 has stride(0) != 1, so its gathered columns are strided loads "
             "(~2.5x slower on the FLUX shape); pass a transposed view of a contiguous (F, Dout) copy",
