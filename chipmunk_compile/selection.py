@@ -45,7 +45,7 @@ def select_columns(
             noise = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=torch.float32)
             noise.scatter_(-1, idx, -1.0)
             idx = torch.cat([idx, torch.topk(noise, n_rand, dim=-1, sorted=False).indices], dim=-1)
-        indices = torch.sort(idx.to(torch.int32), dim=-1).values
+        indices = torch.sort(idx, dim=-1).values.int()
         return indices, torch.full(lead, k_top + n_rand, dtype=torch.int32, device=scores.device)
     flat = scores.reshape(-1, n)
     rows = flat.shape[0]

@@ -74,6 +74,8 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     """
     b, s, c = x.shape
     full, tail = divmod(s, block)
+    if not tail:  # one op: this runs on every selection step, where host time matters
+        return torch.mean(x.view(b, full, block, c), dim=2, dtype=torch.float32)
     parts = []
     if full:
         parts.append(torch.sum(x[:, : full * block].reshape(b, full, block, c), dim=2, dtype=torch.float32) / block)
@@ -153,11 +155,12 @@ def run_mlp(
     sel_flops = 0
     if entry.indices is None or info.step - entry.selected_at >= cfg.selection_every:
         bm = F.linear(block_means(x3, cfg.block).to(x3.dtype), w1, b1).float()  # (B, nb, F or 2F)
-        diff = (bm - entry.block_mean).abs_()
+        diff = torch.sub(bm, entry.block_mean).abs_()
         if gated:
             diff = diff[..., :f] + diff[..., f:]
         idx, _ = select_columns(diff, k_top, n_rand, ctx.state.random_generator(x3.device), all_valid=True)
         ref_idx = torch.cat([idx, idx + f], dim=-1).long() if gated else idx.long()
+        # refresh the reference block means of the chosen units only (unchosen ones keep drifting)
         entry.block_mean.scatter_(-1, ref_idx, bm.gather(-1, ref_idx))
         entry.indices, entry.selected_at = idx, info.step
         stats.selections += 1
