@@ -30,6 +30,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=(16, 56, 56))
+HUNYUAN = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+               num_single_layers=40, num_refiner_layers=2, patch_size=2, patch_size_t=1, text_embed_dim=4096,
+               pooled_projection_dim=768, rope_axes_dim=(16, 56, 56), guidance_embeds=True)
+HUNYUAN_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                    num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32,
+                    pooled_projection_dim=32, rope_axes_dim=(4, 6, 6))
 FLUX_TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
                  axes_dims_rope=(4, 6, 6))
@@ -48,6 +54,7 @@ class E2EConfig:
     preset: str = "flux"
     overrides: tuple[tuple[str, object], ...] = ()
     profile_dir: str = ""
+    frames: int = 9
 
 
 @dataclass
@@ -94,6 +101,43 @@ def build_flux(cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
         return m(hidden_states=latents, timestep=(t / 1000).expand(1).to(dtype), **inputs)[0]
 
     return model, latent_shape, call
+
+
+def build_hunyuan(cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
+    """HunyuanVideo architecture (diffusers 0.42.1 class, 12.8B at real size), random weights."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    params = HUNYUAN if cfg.size == "real" else HUNYUAN_TINY
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = HunyuanVideoTransformer3DModel(**params).eval()
+    finally:
+        torch.set_default_dtype(old)
+    if cfg.size == "real":  # 720x1280, 8x spatial / 4x temporal VAE: (F-1)/4+1 latent frames
+        shape = (1, 16, (cfg.frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8)
+        txt, valid = 256, 200
+    else:
+        shape, txt, valid = (1, 4, 2, 8, 8), 16, 12
+    g = torch.Generator(device="cpu").manual_seed(1)
+    mask = torch.zeros(1, txt, dtype=torch.long)
+    mask[:, :valid] = 1  # padded prompt: the joint attention gets a key-padding mask
+    inputs = dict(
+        encoder_hidden_states=torch.randn(1, txt, params["text_embed_dim"], generator=g).to(device, dtype),
+        encoder_attention_mask=mask.to(device),
+        pooled_projections=torch.randn(1, params["pooled_projection_dim"], generator=g).to(device, dtype),
+        guidance=torch.full((1,), 6000.0, device=device, dtype=dtype), return_dict=False,
+    )
+
+    def call(m, latents, t):
+        return m(hidden_states=latents, timestep=t.expand(1).to(dtype), **inputs)[0]
+
+    return model, shape, call
+
+
+BUILDERS = {"flux": build_flux, "hunyuan": build_hunyuan}
 
 
 def generate(model, call, latent_shape, steps, device, dtype, step_times: list[float] | None = None,
@@ -144,7 +188,7 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
 
     torch._dynamo.reset()
     counters.clear()
-    model, shape, call = build_flux(cfg, device, dtype)
+    model, shape, call = BUILDERS[cfg.model](cfg, device, dtype)
     kwargs: dict = {}
     if name == "chipmunk":
         kwargs["options"] = {"preset": cfg.preset, **dict(cfg.overrides)}
@@ -197,19 +241,20 @@ def _git_sha() -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["flux"], default="flux")
+    p.add_argument("--model", choices=sorted(BUILDERS), default="flux")
+    p.add_argument("--frames", type=int, default=9, help="video frames (hunyuan)")
     p.add_argument("--size", choices=["real", "tiny"], default="real")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--full-graph-compile", action="store_true", help="compile the whole model, not per block")
-    p.add_argument("--preset", default="flux")
+    p.add_argument("--preset", default=None, help="chipmunk preset (default: the model's)")
     p.add_argument("--set", action="append", default=[], help="chipmunk override KEY=VALUE (JSON value)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--profile", action="store_true", help="write CUDA-time tables of two steps to --out")
     args = p.parse_args(argv)
     overrides = tuple((k, json.loads(v)) for k, v in (s.split("=", 1) for s in args.set))
     cfg = E2EConfig(model=args.model, size=args.size, steps=args.steps, regional=not args.full_graph_compile,
-                    repeats=args.repeats, preset=args.preset, overrides=overrides,
+                    repeats=args.repeats, preset=args.preset or args.model, overrides=overrides, frames=args.frames,
                     profile_dir=args.out if args.profile else "")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -238,12 +283,13 @@ def main(argv=None) -> None:
     with path.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["card", "torch", "triton", "git_sha", "date", "model", "size", "steps", "regional", "preset",
-                        "overrides", "backend", "seconds_per_generation", "speedup_vs_inductor", "compile_s",
+            w.writerow(["card", "torch", "triton", "git_sha", "date", "model", "size", "frames", "steps", "regional",
+                        "preset", "overrides", "backend", "seconds_per_generation", "speedup_vs_inductor", "compile_s",
                         "first_generation_s", "peak_gb", "recompiles_after_warmup", "rel_l2_vs_inductor",
                         "step_ms_median_dense_steps", "step_ms_median_all"])
         for name, r in results.items():
-            w.writerow([card, torch.__version__, triton_version, _git_sha(), date, cfg.model, cfg.size, cfg.steps,
+            w.writerow([card, torch.__version__, triton_version, _git_sha(), date, cfg.model, cfg.size,
+                        cfg.frames if cfg.model == "hunyuan" else "", cfg.steps,
                         cfg.regional, cfg.preset if name == "chipmunk" else "", dict(cfg.overrides), name,
                         f"{r.seconds_per_generation:.4f}",
                         f"{results['inductor'].seconds_per_generation / r.seconds_per_generation:.3f}",
