@@ -111,3 +111,19 @@ def test_regional_compilation_follows_the_models_timestep():
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(out, ref(**spec.inputs(torch.tensor([1000.0])))[0], atol=1e-5, rtol=1e-4)
+
+
+def test_mochi_attention_with_captured_dynamic_output_shapes():
+    """Mochi drops padded text tokens with nonzero(): by default a graph break hides its joint attention.
+    With capture_dynamic_output_shape_ops the graph is whole and the attention (unbacked length) rewritten."""
+    spec = MODELS["mochi"]
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
+        compiled = torch.compile(model, backend=chipmunk_compile.backend(CONFIG))
+        torch.testing.assert_close(compiled(**spec.inputs(torch.tensor([900.0])))[0],
+                                   model(**spec.inputs(torch.tensor([900.0])))[0], atol=1e-5, rtol=1e-4)
+        for t in (800.0, 700.0):
+            compiled(**spec.inputs(torch.tensor([t])))
+    attn = chipmunk_compile.report(compiled).by_kind("attention", "rewritten")
+    assert len(attn) == 1 and attn[0].sparse_calls == 1
