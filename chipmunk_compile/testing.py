@@ -117,3 +117,76 @@ def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
     mse = float(((a.double() - ref.double()) ** 2).mean())
     rng = float(ref.max() - ref.min())
     return float("inf") if mse == 0 else 10 * math.log10(rng * rng / mse)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+# pytest-friendly perf-regression checks: each raises AssertionError with the evidence in the message.
+
+
+def check_sites(model: torch.nn.Module, *, attention: int | None = None, mlp: int | None = None) -> None:
+    """Assert how many attention / MLP sites of a compiled ``model`` were rewritten (after one call)."""
+    from chipmunk_compile.report import report
+
+    rep = report(model)
+    for kind, want in (("attention", attention), ("mlp", mlp)):
+        got = len(rep.by_kind(kind, "rewritten"))
+        if want is not None and got != want:
+            raise AssertionError(f"expected {want} rewritten {kind} sites, found {got}\n{rep}")
+
+
+def check_flops(compiled: Callable, calls: list[tuple[tuple, dict]], *, kind: str = "total",
+                max_fraction: float, step: int = -1) -> list[dict[str, int]]:
+    """Assert that call ``step`` costs at most ``max_fraction`` of call 0's FLOPs of ``kind``
+    ("total", "attention" or "mlp"), counted by FlopCounterMode. Returns the per-call counts."""
+    flops = flops_per_call(compiled, calls)
+    first, last = flops[0][kind], flops[step][kind]
+    if first == 0 or last > max_fraction * first:
+        raise AssertionError(f"{kind} FLOPs of call {step}: {last} vs {first} at call 0 "
+                             f"(fraction {last / max(first, 1):.3f} > {max_fraction}); all calls: {flops}")
+    return flops
+
+
+def check_fidelity(out: torch.Tensor, ref: torch.Tensor, *, min_psnr: float | None = None,
+                   max_rel_l2: float | None = None) -> tuple[float, float]:
+    """Assert output fidelity against the dense reference. Returns (psnr, relative L2)."""
+    p, r = psnr(out, ref), relative_l2(out, ref)
+    if min_psnr is not None and p < min_psnr:
+        raise AssertionError(f"PSNR {p:.2f} dB below {min_psnr} dB (relative L2 {r:.4g})")
+    if max_rel_l2 is not None and r > max_rel_l2:
+        raise AssertionError(f"relative L2 {r:.4g} above {max_rel_l2} (PSNR {p:.2f} dB)")
+    return p, r
+
+
+def median_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> float:
+    """Median wall time of ``fn()`` in ms on CUDA (events around each call, after warm-up calls)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("median_ms needs CUDA: timing on the CPU references says nothing about GPU speed")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def check_speedup(baseline: Callable[[], object], candidate: Callable[[], object], *, min_speedup: float,
+                  warmup: int = 3, reps: int = 10) -> float:
+    """Assert ``median(baseline) / median(candidate) >= min_speedup`` (CUDA; same process, same card).
+
+    Each callable should run a whole unit of work (e.g. one generation) so that the step schedule is
+    the same in every repetition. Returns the measured speedup.
+    """
+    base = median_ms(baseline, warmup=warmup, reps=reps)
+    cand = median_ms(candidate, warmup=warmup, reps=reps)
+    speedup = base / cand
+    card = torch.cuda.get_device_name()
+    if speedup < min_speedup:
+        raise AssertionError(f"speedup {speedup:.3f}x < {min_speedup}x on {card} "
+                             f"(baseline {base:.2f} ms, candidate {cand:.2f} ms, medians of {reps})")
+    return speedup
