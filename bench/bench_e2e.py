@@ -36,6 +36,11 @@ HUNYUAN = dict(in_channels=16, out_channels=16, num_attention_heads=24, attentio
 HUNYUAN_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
                     num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, text_embed_dim=32,
                     pooled_projection_dim=32, rope_axes_dim=(4, 6, 6))
+WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+               text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
 FLUX_TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
                  num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
                  axes_dims_rope=(4, 6, 6))
@@ -55,6 +60,7 @@ class E2EConfig:
     overrides: tuple[tuple[str, object], ...] = ()
     profile_dir: str = ""
     frames: int = 9
+    mode: str = ""
 
 
 @dataclass
@@ -137,7 +143,36 @@ def build_hunyuan(cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
     return model, shape, call
 
 
-BUILDERS = {"flux": build_flux, "hunyuan": build_hunyuan}
+def build_wan(cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
+    """Wan2.1-14B architecture (diffusers 0.42.1 class), random weights; CFG as two calls per step."""
+    from diffusers import WanTransformer3DModel
+
+    params = WAN_14B if cfg.size == "real" else WAN_TINY
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = WanTransformer3DModel(**params).eval()
+    finally:
+        torch.set_default_dtype(old)
+    if cfg.size == "real":
+        shape, txt = (1, 16, (cfg.frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8), 512
+    else:
+        shape, txt = (1, 4, 2, 8, 8), 8
+    g = torch.Generator(device="cpu").manual_seed(1)
+    prompts = [torch.randn(1, txt, params["text_dim"], generator=g).to(device, dtype) for _ in range(2)]
+
+    def call(m, latents, t):
+        ts = t.expand(1)
+        cond = m(hidden_states=latents, timestep=ts, encoder_hidden_states=prompts[0], return_dict=False)[0]
+        uncond = m(hidden_states=latents, timestep=ts, encoder_hidden_states=prompts[1], return_dict=False)[0]
+        return uncond + 5.0 * (cond - uncond)
+
+    return model, shape, call
+
+
+BUILDERS = {"flux": build_flux, "hunyuan": build_hunyuan, "wan": build_wan}
 
 
 def generate(model, call, latent_shape, steps, device, dtype, step_times: list[float] | None = None,
@@ -189,14 +224,19 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
     torch._dynamo.reset()
     counters.clear()
     model, shape, call = BUILDERS[cfg.model](cfg, device, dtype)
-    kwargs: dict = {}
+    backend: object = name
+    kwargs: dict = {"mode": cfg.mode} if cfg.mode else {}
     if name == "chipmunk":
-        kwargs["options"] = {"preset": cfg.preset, **dict(cfg.overrides)}
+        import chipmunk_compile
+
+        # torch.compile refuses mode= together with options=: bind both through the typed backend.
+        config, _ = chipmunk_compile.ChipmunkConfig.from_options({"preset": cfg.preset, **dict(cfg.overrides)})
+        backend, kwargs = chipmunk_compile.backend(config, mode=cfg.mode or None), {}
     if cfg.regional:
-        model.compile_repeated_blocks(backend=name, **kwargs)
+        model.compile_repeated_blocks(backend=backend, **kwargs)
         compiled = model
     else:
-        compiled = torch.compile(model, backend=name, **kwargs)
+        compiled = torch.compile(model, backend=backend, **kwargs)
     _sync(device)
     t0 = time.perf_counter()
     generate(compiled, call, shape, cfg.steps, device, dtype)
@@ -250,12 +290,13 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default=None, help="chipmunk preset (default: the model's)")
     p.add_argument("--set", action="append", default=[], help="chipmunk override KEY=VALUE (JSON value)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--mode", default="", help="torch.compile mode for both sides, e.g. reduce-overhead")
     p.add_argument("--profile", action="store_true", help="write CUDA-time tables of two steps to --out")
     args = p.parse_args(argv)
     overrides = tuple((k, json.loads(v)) for k, v in (s.split("=", 1) for s in args.set))
     cfg = E2EConfig(model=args.model, size=args.size, steps=args.steps, regional=not args.full_graph_compile,
                     repeats=args.repeats, preset=args.preset or args.model, overrides=overrides, frames=args.frames,
-                    profile_dir=args.out if args.profile else "")
+                    profile_dir=args.out if args.profile else "", mode=args.mode)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results, outs, report = {}, {}, ""
@@ -284,13 +325,15 @@ def main(argv=None) -> None:
         w = csv.writer(f)
         if new:
             w.writerow(["card", "torch", "triton", "git_sha", "date", "model", "size", "frames", "steps", "regional",
-                        "preset", "overrides", "backend", "seconds_per_generation", "speedup_vs_inductor", "compile_s",
+                        "preset", "overrides", "mode", "backend", "seconds_per_generation", "speedup_vs_inductor",
+                        "compile_s",
                         "first_generation_s", "peak_gb", "recompiles_after_warmup", "rel_l2_vs_inductor",
                         "step_ms_median_dense_steps", "step_ms_median_all"])
         for name, r in results.items():
             w.writerow([card, torch.__version__, triton_version, _git_sha(), date, cfg.model, cfg.size,
-                        cfg.frames if cfg.model == "hunyuan" else "", cfg.steps,
-                        cfg.regional, cfg.preset if name == "chipmunk" else "", dict(cfg.overrides), name,
+                        cfg.frames if cfg.model != "flux" else "", cfg.steps,
+                        cfg.regional, cfg.preset if name == "chipmunk" else "", dict(cfg.overrides),
+                        cfg.mode or "default", name,
                         f"{r.seconds_per_generation:.4f}",
                         f"{results['inductor'].seconds_per_generation / r.seconds_per_generation:.3f}",
                         f"{r.compile_s:.1f}", f"{r.first_generation_s:.1f}", f"{r.peak_gb:.2f}",
