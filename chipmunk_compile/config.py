@@ -111,6 +111,11 @@ class ChipmunkConfig:
     without :func:`chipmunk_compile.attach`): then every ``streams_per_step`` consecutive calls of a
     site form one denoising step (2 for pipelines that call the model twice per step for CFG).
     ``num_steps``, when set, starts a new generation after that many steps in the same situation.
+
+    ``offload`` places attention caches (the large ones: B·H·S·D per site and CFG stream) in pinned CPU
+    memory, fetched back one site ahead on a side stream: "always", "never", or "auto" (from the first
+    cache that would leave less than ``offload_reserve_gb`` of free GPU memory on). CUDA only; MLP caches,
+    updated in place at every sparse step, stay on the GPU.
     """
 
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -120,9 +125,15 @@ class ChipmunkConfig:
     streams_per_step: int = 1
     num_steps: int | None = None
     use_triton: bool = True
+    offload: str = "auto"
+    offload_reserve_gb: float = 4.0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        if self.offload not in ("auto", "never", "always"):
+            raise ConfigError(f"offload must be 'auto', 'never' or 'always', got {self.offload!r}")
+        if self.offload_reserve_gb < 0:
+            raise ConfigError(f"offload_reserve_gb must be >= 0, got {self.offload_reserve_gb!r}")
         if self.streams_per_step < 1:
             raise ConfigError(f"streams_per_step must be >= 1, got {self.streams_per_step!r}")
         if self.num_steps is not None and self.num_steps < 1:

@@ -27,6 +27,7 @@ class SiteReport:
     sparse_calls: int = 0
     last_phase: str = ""
     backend: str = ""
+    cache_location: str = ""
     errors: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -56,6 +57,8 @@ class Report:
             detail = s.reason or s.variant or ""
             if s.backend and s.status == "rewritten":
                 detail = (detail + f" [{s.backend}]").strip()
+            if s.cache_location.startswith("cpu"):
+                detail += " [cache in pinned CPU memory]"
             rows.append((s.kind, s.status, s.name, kept, calls, str(s.selections or ""), err, detail))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
@@ -93,6 +96,7 @@ def _rows(state: ModelState, names: dict[int, str]) -> list[SiteReport]:
         row.selections, row.calls = st.selections, st.calls
         row.dense_calls, row.sparse_calls = st.dense_calls, st.sparse_calls
         row.last_phase, row.backend, row.errors = st.last_phase, st.backend, list(st.errors)
+        row.cache_location = st.cache_location
         out.append(row)
         ran.add((rec.kind, rec.name))
     # Sites that have not run (dense ones never create state; a recompiled graph's older records

@@ -32,12 +32,23 @@ class AttentionCache:
 
     cache: (B, H, S, D), the dense output minus the selected columns' part, in (B, S, H, D) memory.
     indices: (B, H, G, K) int32 and counts: (B, H, G) int32, the selected keys per query group.
+    When ``offloaded``, cache and indices live in the model's CacheOffloader (pinned CPU memory) and the
+    fields here are None.
     """
 
     generation: int
     cache: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     counts: torch.Tensor | None = None
+    index_shape: tuple = ()
+    offloaded: bool = False
+
+    def tensors(self, offloader, key) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cache, indices) on the compute device."""
+        if not self.offloaded:
+            return self.cache, self.indices
+        fetched = offloader.fetch(key)
+        return fetched["cache"], fetched["indices"]
 
 
 def key_bias_from_mask(mask: torch.Tensor | None, batch: int, heads: int, sk: int) -> torch.Tensor | None:
@@ -133,36 +144,55 @@ def run_attention(
     entry: AttentionCache | None = site.cache(info.stream, info.generation)
     group = cfg.query_group
     key_bias = key_bias_from_mask(attn_mask, b, h, sk)
-    if entry is not None and entry.indices is not None and entry.indices.shape[:3] != (b, h, -(-s // group)):
+    offloader = ctx.state.offloader_for(q.device)
+    okey = (id(site), info.stream)
+    if offloader is not None:
+        offloader.note_use(okey)
+    if entry is not None and entry.index_shape[:3] != (b, h, -(-s // group)):
         entry = None
 
-    if entry is None or entry.cache is None or cfg.is_dense_step(info.step):
-        select = entry is None or entry.indices is None or cfg.recompute_selection
+    if entry is None or not entry.index_shape or cfg.is_dense_step(info.step):
+        select = entry is None or not entry.index_shape or cfg.recompute_selection
         if entry is None:
             entry = AttentionCache(generation=info.generation)
             site.caches[info.stream] = entry
         if select:
             o, _lse, colsum = _colsum(q, k, v, scale=scale_f, group=group, key_bias=key_bias, triton=triton)
-            entry.indices, entry.counts = _select_keys(ctx, colsum, key_bias, cfg, sk, text_start, text_len)
+            indices, counts = _select_keys(ctx, colsum, key_bias, cfg, sk, text_start, text_len)
             stats.selections += 1
             extra = attention_flops(b, h, s, sk, d, 0)  # the column-sum pass recomputes q·k
         else:
+            _, indices = entry.tensors(offloader, okey)
+            counts = entry.counts
             o = dense_attention(q, k, v, attn_mask, scale, enable_gqa)
             extra = 0
-        entry.cache = _sparse(
-            q, k, v, entry.indices, entry.counts, scale=scale_f, group=group, key_bias=key_bias,
+        cache = _sparse(
+            q, k, v, indices, counts, scale=scale_f, group=group, key_bias=key_bias,
             base=o, sign=-1.0, triton=triton,
         )
+        entry.counts, entry.index_shape = counts, tuple(indices.shape)
+        nbytes = cache.numel() * cache.element_size() + indices.numel() * 4
+        if offloader is not None and ctx.state.should_offload(nbytes, q.device):
+            offloader.store(okey, {"cache": cache, "indices": indices})
+            entry.cache, entry.indices, entry.offloaded = None, None, True
+        else:
+            entry.cache, entry.indices, entry.offloaded = cache, indices, False
+        stats.cache_location = "cpu (pinned)" if entry.offloaded else str(q.device)
         stats.dense_calls += 1
         stats.record("dense+select" if select else "dense+refresh", fixed_flops=stats.dense_flops + extra,
                      kept_flops=stats.dense_flops, counts=entry.counts, columns=sk)
+        if offloader is not None:
+            offloader.prefetch_after(okey)
         return o
 
+    cache, indices = entry.tensors(offloader, okey)
     out = _sparse(
-        q, k, v, entry.indices, entry.counts, scale=scale_f, group=group, key_bias=key_bias,
-        base=entry.cache, sign=1.0, triton=triton, validate=not checks[1],
+        q, k, v, indices, entry.counts, scale=scale_f, group=group, key_bias=key_bias,
+        base=cache, sign=1.0, triton=triton, validate=not checks[1],
     )
     checks[1] = True  # the same signature launched once with full validation
+    if offloader is not None:
+        offloader.prefetch_after(okey)
     stats.sparse_calls += 1
     stats.record("sparse", fixed_flops=0, kept_flops=stats.dense_flops, counts=entry.counts, columns=sk)
     if ctx.state.config.check_error:

@@ -120,6 +120,7 @@ class SiteStats:
     dense_flops: int = 0
     errors: list[tuple[int, float]] = field(default_factory=list)
     backend: str = ""
+    cache_location: str = ""
     _counts: torch.Tensor | None = None
     _columns: int = 1
     _fixed_flops: int = 0
@@ -215,6 +216,8 @@ class ModelState:
         self.plans: list[Any] = []
         self._sites: dict[tuple[int, int], SiteState] = {}
         self._ordinals: dict[str, int] = {"attention": 0, "mlp": 0}
+        self.offloader: Any = None
+        self.offload_active = config.offload == "always"
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(config.seed)
         self._device_generators: dict[torch.device, torch.Generator] = {}
@@ -253,6 +256,26 @@ class ModelState:
         self.forward_info = None
         for site in self._sites.values():
             site.caches.clear()
+
+    def offloader_for(self, device: torch.device) -> Any:
+        """The model's CacheOffloader when offloading can apply (CUDA, offload != "never"), else None."""
+        if self.config.offload == "never" or device.type != "cuda":
+            return None
+        if self.offloader is None:
+            from chipmunk_compile.offload import CacheOffloader
+
+            self.offloader = CacheOffloader(device)
+        return self.offloader
+
+    def should_offload(self, nbytes: int, device: torch.device) -> bool:
+        """Whether a new cache of ``nbytes`` goes to pinned CPU memory (sticky once "auto" turns it on)."""
+        if not self.offload_active and self.config.offload == "auto":
+            free, _ = torch.cuda.mem_get_info(device)
+            if free - nbytes < self.config.offload_reserve_gb * 2**30:
+                log.warning("chipmunk: GPU memory is short (%.1f GB free); attention caches of this model go "
+                            "to pinned CPU memory from now on", free / 2**30)
+                self.offload_active = True
+        return self.offload_active
 
     def random_generator(self, device: torch.device) -> torch.Generator:
         if device.type == "cpu":

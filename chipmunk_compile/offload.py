@@ -1,0 +1,81 @@
+"""Attention caches in pinned CPU memory, fetched back one site ahead on a side stream.
+
+On a dense step a site's cache (and selection) is computed on the GPU, copied to a pinned host buffer on
+the side stream, and the GPU copy is released. On a sparse step the site reads it back; to hide the copy,
+when a site runs, the cache of the site that ran after it in the previous forward is already being
+copied in on the side stream. Cache tensors are read-only between dense steps, so nothing is written
+back. Stream safety: copies wait on the compute stream's work that produced their source, and every
+tensor used across streams is marked with ``record_stream`` so the caching allocator never reuses it
+early.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class CacheOffloader:
+    """Per-model offload of read-only per-site tensors (CUDA only)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.order: list[Any] = []  # (site, stream) keys in the order of the last forward
+        self._position: dict[Any, int] = {}
+        self._host: dict[Any, dict[str, torch.Tensor]] = {}  # pinned buffers, reused across dense steps
+        self._inflight: dict[Any, tuple[dict[str, torch.Tensor], torch.cuda.Event]] = {}
+        self.bytes_offloaded = 0
+
+    def note_use(self, key: Any) -> None:
+        """Record the call order: a key seen again starts a new pass over the order."""
+        if key in self._position and self._position[key] == 0:
+            self.order, self._position = [], {}
+        if key not in self._position:
+            self._position[key] = len(self.order)
+            self.order.append(key)
+
+    def store(self, key: Any, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (GPU) into this key's pinned buffers; the GPU tensors may be dropped after."""
+        host = self._host.get(key)
+        if host is None or any(host[n].shape != t.shape or host[n].dtype != t.dtype for n, t in tensors.items()):
+            host = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in tensors.items()}
+            self._host[key] = host
+            self.bytes_offloaded += sum(t.numel() * t.element_size() for t in tensors.values())
+        self._inflight.pop(key, None)  # a prefetch of the old contents is stale
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            for name, t in tensors.items():
+                host[name].copy_(t, non_blocking=True)
+                t.record_stream(self.stream)
+
+    def has(self, key: Any) -> bool:
+        return key in self._host
+
+    def fetch(self, key: Any) -> dict[str, torch.Tensor]:
+        """GPU copies of ``key``'s tensors, ready on the current stream."""
+        current = torch.cuda.current_stream(self.device)
+        entry = self._inflight.pop(key, None) or self._copy_in(key)
+        tensors, event = entry
+        current.wait_event(event)
+        for t in tensors.values():
+            t.record_stream(current)
+        return tensors
+
+    def prefetch_after(self, key: Any) -> None:
+        """Start copying in the tensors of the key that followed ``key`` in the last forward."""
+        pos = self._position.get(key)
+        if pos is None or not self.order:
+            return
+        nxt = self.order[(pos + 1) % len(self.order)]
+        if nxt in self._host and nxt not in self._inflight:
+            self._inflight[nxt] = self._copy_in(nxt)
+
+    def _copy_in(self, key: Any) -> tuple[dict[str, torch.Tensor], torch.cuda.Event]:
+        host = self._host[key]
+        with torch.cuda.stream(self.stream):
+            tensors = {n: h.to(self.device, non_blocking=True) for n, h in host.items()}
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return tensors, event
