@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import importlib.util
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ if "--smoke" in sys.argv:
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from _harness import git_sha  # noqa: E402  (bench/ is the script's directory)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -465,16 +465,6 @@ def run_shape(
     return best
 
 
-def _git_sha() -> str:
-    if os.environ.get("GIT_SHA"):
-        return os.environ["GIT_SHA"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 _CFG_FIELDS = (
     "name",
     "batch",
@@ -496,7 +486,7 @@ def csv_path(out_dir: Path, card: str) -> Path:
 def append_csv(path: Path, results: list[ExperimentResult], card: str) -> None:
     """Append rows (header first if the file is new): run metadata, the config, then the timings."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, git_sha=_git_sha())
+    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, git_sha=git_sha())
     meta["date"] = datetime.date.today().isoformat()
     new = not path.exists()
     with path.open("a", newline="") as f:

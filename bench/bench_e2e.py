@@ -18,12 +18,12 @@ import csv
 import datetime
 import json
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from _harness import git_sha, triton_version  # noqa: E402  (bench/ is the script's directory)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -274,14 +274,6 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
     return res, out, report
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return ""
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(BUILDERS), default="flux")
@@ -313,12 +305,6 @@ def main(argv=None) -> None:
     rel = float((outs["chipmunk"].float() - outs["inductor"].float()).norm() / outs["inductor"].float().norm())
     speedup = results["inductor"].seconds_per_generation / results["chipmunk"].seconds_per_generation
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
@@ -333,7 +319,7 @@ def main(argv=None) -> None:
                         "first_generation_s", "peak_gb", "recompiles_after_warmup", "rel_l2_vs_inductor",
                         "step_ms_median_dense_steps", "step_ms_median_all"])
         for name, r in results.items():
-            w.writerow([card, torch.__version__, triton_version, _git_sha(), date, cfg.model, cfg.size,
+            w.writerow([card, torch.__version__, triton_version(), git_sha(), date, cfg.model, cfg.size,
                         cfg.frames if cfg.model != "flux" else "", cfg.steps,
                         cfg.regional, cfg.preset if name == "chipmunk" else "", dict(cfg.overrides),
                         cfg.mode or "default", name,

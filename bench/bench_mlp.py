@@ -28,15 +28,14 @@ import argparse
 import csv
 import dataclasses
 import datetime
-import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import triton
+from _harness import git_sha  # noqa: E402  (bench/ is the script's directory)
 from chipmunk_compile.kernels import column_sparse_mlp as csm
 from torch import nn
 
@@ -231,18 +230,6 @@ def check_flux(problem: _Problem, cfg: ExperimentConfig) -> str:
     )
 
 
-def _git_sha() -> str:
-    if os.environ.get("CHIPMUNK_GIT_SHA"):
-        return os.environ["CHIPMUNK_GIT_SHA"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _csv_path(out_dir: Path) -> Path:
     name = torch.cuda.get_device_name().replace("NVIDIA", "")
     card = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
@@ -254,7 +241,7 @@ def write_csv(results: list[ExperimentResult], out_dir: Path) -> Path:
     card = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
     path = _csv_path(out_dir)
-    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, git_sha=_git_sha(), date=date)
+    meta = dict(card=card, torch=torch.__version__, triton=triton.__version__, git_sha=git_sha(), date=date)
     rows = []
     for r in results:
         c = r.config

@@ -19,12 +19,12 @@ import csv
 import datetime
 import os
 import platform
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from _harness import git_sha, triton_version  # noqa: E402  (bench/ is the script's directory)
 
 import chipmunk_compile
 from chipmunk_compile.runner import FLOP_COUNTER, FlopTally
@@ -162,14 +162,6 @@ def run_fidelity(config: FidelityConfig) -> FidelityResult:
     )
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return ""
-
-
 def write_results(results: list[FidelityResult]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     date = datetime.date.today().isoformat()
@@ -184,8 +176,7 @@ def write_results(results: list[FidelityResult]) -> Path:
                         "attention_kept", "mlp_kept", "sites", "sparse_calls"])
         for r in results:
             c = r.config
-            triton_version = _triton_version()
-            w.writerow([device, torch.__version__, triton_version, _git_sha(), date, c.model, c.size, c.preset,
+            w.writerow([device, torch.__version__, triton_version(), git_sha(), date, c.model, c.size, c.preset,
                         c.steps, c.cfg, dict(c.overrides), f"{r.psnr_db:.2f}", f"{r.rel_l2:.4g}",
                         f"{r.attention_flops_frac:.4f}", f"{r.mlp_flops_frac:.4f}",
                         "" if r.attention_kept is None else f"{r.attention_kept:.4f}",
@@ -198,17 +189,8 @@ def write_results(results: list[FidelityResult]) -> Path:
             w.writerow(["git_sha", "model", "preset", "site", "step", "rel_error_vs_dense"])
         for r in results:
             for name, step, err in r.site_errors:
-                w.writerow([_git_sha(), r.config.model, r.config.preset, name, step, f"{err:.4g}"])
+                w.writerow([git_sha(), r.config.model, r.config.preset, name, step, f"{err:.4g}"])
     return path
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return ""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
+# Input checks shared with the sparse kernel (same q/k/v contract).
+from chipmunk_compile.kernels.column_sparse_attention import (
+    _check_key_bias,
+    _interpreting,
+    _max_offset,
+    supports,
+)
+
 __all__ = [
     "ColsumConfig",
     "attention_with_colsum",
@@ -43,9 +51,7 @@ __all__ = [
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _INT32_MAX = 2**31 - 1
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SUPPORTED_GROUPS = (64, 128, 192)
-_SUPPORTED_HEAD_DIMS = (64, 128)
 
 
 @dataclass(frozen=True)
@@ -75,10 +81,6 @@ def _pick_config(head_dim: int, group_size: int) -> ColsumConfig:
     if head_dim == 64:
         cfg = replace(cfg, fwd_block_n=64, fwd_stages=4)
     return cfg
-
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret)
 
 
 # cuDNN's fused attention is faster than our Triton forward on Hopper; its logsumexp output was checked
@@ -294,30 +296,6 @@ def _attention_colsum_kernel(
         cs_ptrs += stride_cg  # pointer arithmetic is 64-bit: G * Sk can exceed 2**31
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """None if the Triton kernels can run on these inputs, else a short reason."""
-    if not (q.is_cuda or (q.device.type == "cpu" and _interpreting())):
-        return f"Triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU), got {q.device}"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "q, k, v must be 4-D (B, H, S, D)"
-    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}/{k.dtype}/{v.dtype}"
-    if q.shape[-1] not in _SUPPORTED_HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
-        dims = f"{q.shape[-1]}/{k.shape[-1]}/{v.shape[-1]}"
-        return f"head dim must be 64 or 128 and equal for q, k, v, got {dims}"
-    if k.shape != v.shape or k.shape[0] != q.shape[0]:
-        return f"k and v must be (B, Hkv, Sk, D) with q's batch, got {tuple(k.shape)}/{tuple(v.shape)}"
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        return f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"
-    if q.device != k.device or q.device != v.device:
-        return "q, k, v must be on one device"
-    return None
-
-
-def _max_offset(t: torch.Tensor, dims: tuple[int, ...]) -> int:
-    return sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims)
-
-
 def attention_with_colsum(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -351,18 +329,8 @@ def attention_with_colsum(
         raise ValueError(f"attention_with_colsum: group_size must be 64, 128 or 192, got {group_size}")
     B, Hq, S, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    if key_bias is not None and (
-        key_bias.dtype != torch.float32
-        or key_bias.dim() != 3
-        or key_bias.shape[0] != B
-        or key_bias.shape[1] not in (1, Hq)
-        or key_bias.shape[2] != Sk
-        or key_bias.device != q.device
-    ):
-        raise ValueError(
-            f"attention_with_colsum: key_bias must be fp32 (B, 1 or Hq, Sk) = ({B}, 1|{Hq}, {Sk}) on "
-            f"{q.device}, got {key_bias.dtype} {tuple(key_bias.shape)} on {key_bias.device}"
-        )
+    if key_bias is not None:
+        _check_key_bias(key_bias, B, Hq, Sk, q.device, "attention_with_colsum")
     cfg = config or _pick_config(D, group_size)
     if group_size % cfg.colsum_block_m != 0:
         raise ValueError(
@@ -377,7 +345,7 @@ def attention_with_colsum(
     if Sk == 0:
         return out.zero_(), lse.fill_(float("-inf")), colsum
 
-    bias = key_bias if key_bias is not None else q.new_zeros((1, 1, 1), dtype=torch.float32)
+    bias = key_bias if key_bias is not None else q.new_empty((1, 1, 1), dtype=torch.float32)  # unread
     bias_strides = (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0, bias.stride(2))
     block = max(cfg.fwd_block_m, cfg.fwd_block_n, cfg.colsum_block_m, cfg.colsum_block_n)
     off64 = (
