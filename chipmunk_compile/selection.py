@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from chipmunk_compile.kernels import select_columns as select_kernels
+
 _CHUNK_ELEMENTS = 1 << 27
 
 
@@ -68,3 +70,38 @@ def select_columns(
         indices[start : start + step] = torch.where(key >= n, key - n, key).to(torch.int32)
         counts[start : start + step] = valid.sum(-1, dtype=torch.int32)
     return indices.reshape(*lead, cap), counts.reshape(lead)
+
+
+def select_columns_fast(
+    scores: torch.Tensor, k_top: int, n_rand: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_columns` for finite scores, with the randomness fixed by ``seed`` (no generator state).
+
+    On CUDA one Triton launch (:func:`chipmunk_compile.kernels.select_columns.select_topk_random`: top part
+    ties go to the lower column, random part from a counter-based hash of (seed, row, column)); elsewhere,
+    or where the kernel does not apply, the PyTorch path of :func:`select_columns` with a generator seeded
+    from ``seed``. The two paths choose the same top part (up to ties) but different random columns.
+
+    Args:
+        scores: (..., N) float, finite (no masked columns).
+        k_top, n_rand: as in :func:`select_columns` (``1 <= k_top``, ``k_top + n_rand <= N``).
+        seed: an int; the same seed gives the same selection.
+
+    Returns:
+        indices: (..., k_top + n_rand) int32, ascending per row; counts: (...) int32, all k_top + n_rand.
+    """
+    if scores.is_cuda:
+        n = scores.shape[-1]
+        flat = scores.reshape(-1, n)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        if select_kernels.supports(flat) is None:
+            idx = select_kernels.select_topk_random(flat, k_top, n_rand, seed)
+            lead = scores.shape[:-1]
+            return idx.view(*lead, k_top + n_rand), torch.full(lead, k_top + n_rand, dtype=torch.int32,
+                                                               device=scores.device)
+    generator = torch.Generator(device=scores.device)
+    generator.manual_seed(seed)
+    return select_columns(scores, k_top, n_rand, generator, all_valid=True)

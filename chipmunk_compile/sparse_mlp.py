@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from chipmunk_compile.config import MlpConfig
 from chipmunk_compile.kernels import column_sparse_mlp as mlp_kernels
-from chipmunk_compile.selection import column_budget, select_columns
+from chipmunk_compile.selection import column_budget, select_columns_fast
 from chipmunk_compile.state import CallContext, SiteState
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
@@ -158,7 +158,7 @@ def run_mlp(
         diff = torch.sub(bm, entry.block_mean).abs_()
         if gated:
             diff = diff[..., :f] + diff[..., f:]
-        idx, _ = select_columns(diff, k_top, n_rand, ctx.state.random_generator(x3.device), all_valid=True)
+        idx, _ = select_columns_fast(diff, k_top, n_rand, ctx.state.next_seed())
         ref_idx = torch.cat([idx, idx + f], dim=-1).long() if gated else idx.long()
         # refresh the reference block means of the chosen units only (unchosen ones keep drifting)
         entry.block_mean.scatter_(-1, ref_idx, bm.gather(-1, ref_idx))

@@ -221,6 +221,7 @@ class ModelState:
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(config.seed)
         self._device_generators: dict[torch.device, torch.Generator] = {}
+        self._seed_counter = itertools.count()
 
     def add_plan(self, plan: Any) -> None:
         if all(p is not plan for p in self.plans):
@@ -276,6 +277,13 @@ class ModelState:
                             "to pinned CPU memory from now on", free / 2**30)
                 self.offload_active = True
         return self.offload_active
+
+    def next_seed(self) -> int:
+        """A fresh seed for one random draw (a selection step): ``config.seed`` in the high bits, a per-model
+        call counter in the low 32. Pure Python, so no device generator state and no host sync; distinct
+        calls get distinct seeds (for the first 2**32 calls), and the same config replays the same seeds.
+        """
+        return ((self.config.seed & 0x3FFFFFFF) << 32) | (next(self._seed_counter) & 0xFFFFFFFF)
 
     def random_generator(self, device: torch.device) -> torch.Generator:
         if device.type == "cpu":
