@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from chipmunk_compile.config import ChipmunkConfig
 from chipmunk_compile.runner import states_of
 from chipmunk_compile.state import ModelState
 
@@ -67,15 +68,28 @@ class Report:
         return "\n".join([summary, *lines, *(f"note: {n}" for n in self.notes)])
 
 
-def report(model: torch.nn.Module) -> Report:
-    """Collect the sites of every chipmunk graph compiled for ``model`` (or its ``_orig_mod``)."""
+def report(model: torch.nn.Module, config: ChipmunkConfig | None = None) -> Report:
+    """Collect the sites of every chipmunk graph compiled for ``model`` (or its ``_orig_mod``).
+
+    A module compiled several times with different configs keeps one state per config; the report shows
+    the config that ran most recently, or ``config`` when given, and notes the others.
+    """
     module = getattr(model, "_orig_mod", model)
     names = {id(p): n for n, p in module.named_parameters()}
+    states = states_of(module)
+    configs = {s.config for s in states}
+    if config is None and states:
+        config = max(states, key=lambda s: s.last_active).config
     rows: list[SiteReport] = []
     notes: list[str] = []
-    for state in states_of(module):
+    for state in states:
+        if state.config != config:
+            continue
         rows.extend(_rows(state, names))
         notes.extend(p.note for p in state.plans if p.note)
+    if len(configs) > 1:
+        notes.append(f"this module was compiled with {len(configs)} chipmunk configurations; showing "
+                     "the one that ran last (pass config= for another)")
     return Report(rows, sorted(set(notes)))
 
 

@@ -142,6 +142,7 @@ class Runner:
                 info = state.clock.advance_timestep(float(t), signature)
             else:
                 info = state.clock.advance_count(signature)
+        state.touch()
         token = activate(CallContext(state, info))
         try:
             return self._run(args)

@@ -203,11 +203,13 @@ class ModelState:
     """All runtime state of one compiled model (or one block, under regional compilation)."""
 
     _ids = itertools.count()
+    _stamps = itertools.count(1)
 
     def __init__(self, config: ChipmunkConfig) -> None:
         self.id = next(self._ids)
         self.config = config
         self.clock = StepClock(config)
+        self.last_active = 0  # ordering stamp of the last call, to tell which config a model now runs with
         # Regions driven by an enclosing forward (see runner): the step of the forward in progress.
         self.forward_info: StepInfo | None = None
         self.forward_t: float | None = None
@@ -222,6 +224,9 @@ class ModelState:
         self.generator.manual_seed(config.seed)
         self._device_generators: dict[torch.device, torch.Generator] = {}
         self._seed_counter = itertools.count()
+
+    def touch(self) -> None:
+        self.last_active = next(self._stamps)
 
     def add_plan(self, plan: Any) -> None:
         if all(p is not plan for p in self.plans):

@@ -110,3 +110,18 @@ def test_hand_written_gelu_mlp_with_exact_gelu_and_no_bias():
                                        atol=1e-5, rtol=1e-5)
     (site,) = chipmunk_compile.report(compiled).by_kind("mlp", "rewritten")
     assert site.variant == "gelu" and site.sparse_calls == 2
+
+
+def test_report_of_a_module_compiled_with_two_configs_shows_the_latest():
+    model = TinyDiT(depth=2, seq=32).eval()
+    x, t = torch.randn(1, 32, 8), torch.tensor([900.0])
+    with torch.no_grad():
+        torch.compile(model, backend="chipmunk", options={"attention.keep": 0.5})(x, timestep=t)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="chipmunk", options={"attention.keep": 0.2})
+        compiled(x, timestep=t)
+    report = chipmunk_compile.report(compiled)
+    assert len(report.by_kind("attention", "rewritten")) == 2, str(report)
+    assert any("2 chipmunk configurations" in n for n in report.notes)
+    first = chipmunk_compile.ChipmunkConfig().with_overrides({"attention.keep": 0.5})
+    assert len(chipmunk_compile.report(compiled, config=first).by_kind("attention", "rewritten")) == 2
