@@ -7,7 +7,6 @@ is the reference in fp64 and ``lowp`` the same reference computed in the input d
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 
@@ -19,26 +18,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from chipmunk_compile.kernels import attention_colsum as ac  # noqa: E402
+from kernel_testing import DEVICE, DTYPES, EPS, interpreted  # noqa: E402  (tests/ is on sys.path)
 
-if not torch.cuda.is_available():
-    import triton.language.standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.standard.zeros, InterpretedFunction):
-        raise RuntimeError(
-            "triton was imported before TRITON_INTERPRET=1 was set (e.g. by torch._dynamo), so tl.* helpers "
-            "are compiled functions the interpreter cannot call: set the variable before importing torch._dynamo"
-        )
-    if not isinstance(ac._attention_colsum_kernel, InterpretedFunction):
-        ac = importlib.reload(ac)  # imported earlier by another module without the interpreter
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-EPS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")]),
-]
+ac = interpreted(ac, "_attention_colsum_kernel")
 
 
 @pytest.fixture(autouse=True)
