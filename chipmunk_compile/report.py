@@ -58,7 +58,7 @@ class Report:
             detail = s.reason or s.variant or ""
             if s.backend and s.status == "rewritten":
                 detail = (detail + f" [{s.backend}]").strip()
-            if s.cache_location.startswith("cpu"):
+            if s.cache_location == "cpu (pinned)":
                 detail += " [cache in pinned CPU memory]"
             rows.append((s.kind, s.status, s.name, kept, calls, str(s.selections or ""), err, detail))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
