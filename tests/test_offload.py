@@ -29,3 +29,15 @@ def test_offloaded_caches_give_the_same_outputs():
 def test_offload_option_is_validated():
     with pytest.raises(chipmunk_compile.ConfigError, match="offload"):
         chipmunk_compile.ChipmunkConfig().with_overrides({"offload": "sometimes"})
+
+
+def test_offload_is_a_no_op_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CPU behaviour")
+    model = TinyDiT(depth=3, seq=64).eval()
+    compiled = torch.compile(model, backend="chipmunk", options=dict(OPTS, offload="always"))
+    denoise(compiled, torch.randn(1, 64, 8), steps=4)
+    report = chipmunk_compile.report(compiled)
+    rows = [r for r in report.by_kind("attention", "rewritten") if r.sparse_calls]
+    assert rows and all(r.cache_location == "cpu" for r in rows)
+    assert "pinned" not in str(report)
