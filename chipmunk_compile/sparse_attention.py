@@ -128,9 +128,7 @@ def run_attention(
     stats.dense_flops = attention_flops(b, h, s, sk, d, dv)
     signature = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device,
                  None if attn_mask is None else attn_mask.shape)
-    checks = site.launch_checks.get(signature)
-    if checks is None:
-        checks = site.launch_checks[signature] = [_use_triton(q, k, v, ctx.state.config.use_triton), False]
+    checks = site.launch_check(signature, lambda: _use_triton(q, k, v, ctx.state.config.use_triton))
     why_not = checks[0]
     triton = why_not is None
     stats.backend = "triton" if triton else f"pytorch ({why_not})"

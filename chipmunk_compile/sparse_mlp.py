@@ -122,9 +122,7 @@ def run_mlp(
     stats.calls += 1
     stats.dense_flops = mlp_flops(bsz * s, din, f, dout, gated)
     signature = (x3.shape, x3.stride(), x3.dtype, x3.device, w2_offset, w2_width, b1 is None)
-    checks = site.launch_checks.get(signature)
-    if checks is None:
-        checks = site.launch_checks[signature] = [_use_triton(x3, w1, w2s, ctx.state.config.use_triton), False]
+    checks = site.launch_check(signature, lambda: _use_triton(x3, w1, w2s, ctx.state.config.use_triton))
     why_not = checks[0]
     triton = why_not is None
     stats.backend = "triton" if triton else f"pytorch ({why_not})"

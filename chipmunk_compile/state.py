@@ -184,6 +184,16 @@ class SiteState:
             self.launch_checks.clear()
         self._fingerprint = new
 
+    def launch_check(self, signature: tuple, decide: Any) -> list:
+        """[reason the Triton path cannot run or None, validated-once flag] for a call ``signature``.
+
+        ``decide()`` runs once per signature: these host-side checks would otherwise cost time every step.
+        """
+        checks = self.launch_checks.get(signature)
+        if checks is None:
+            checks = self.launch_checks[signature] = [decide(), False]
+        return checks
+
     def cache(self, stream: int, generation: int) -> Any:
         """The cache of ``stream`` if it was made in ``generation``, else None."""
         entry = self.caches.get(stream)
