@@ -261,3 +261,22 @@ def test_check_error_mode_records_error_against_dense():
     assert relative_l2(out, ref) < 0.5
     sparse = [s for s in chipmunk_compile.report(compiled).sites if s.sparse_calls]
     assert sparse and all(len(s.errors) == s.sparse_calls and 0 < s.mean_error < 1 for s in sparse)
+
+
+def test_caches_are_freed_with_the_model():
+    import gc
+    import weakref
+
+    model = TinyDiT(depth=2, seq=32).eval()
+    compiled = torch.compile(model, backend="chipmunk", options=SPARSE)
+    with torch.no_grad():
+        for t in (1000.0, 900.0, 800.0):
+            compiled(torch.randn(1, 32, 8), timestep=torch.tensor([t]))
+    (state,) = chipmunk_compile.states_of(model)
+    entries = [e for s in state.sites for e in s.caches.values()]
+    caches = [weakref.ref(e.cache) for e in entries if getattr(e, "cache", None) is not None]
+    assert caches
+    state_ref = weakref.ref(state)
+    del state, model, compiled
+    gc.collect()
+    assert state_ref() is None and all(r() is None for r in caches)
