@@ -277,6 +277,6 @@ def test_caches_are_freed_with_the_model():
     caches = [weakref.ref(e.cache) for e in entries if getattr(e, "cache", None) is not None]
     assert caches
     state_ref = weakref.ref(state)
-    del state, model, compiled
+    del state, model, compiled, entries
     gc.collect()
     assert state_ref() is None and all(r() is None for r in caches)
