@@ -96,7 +96,7 @@ def report(model: torch.nn.Module, config: ChipmunkConfig | None = None) -> Repo
 def _rows(state: ModelState, names: dict[int, str]) -> list[SiteReport]:
     records = {rec.uid: rec for plan in state.plans for rec in plan.sites}
     out: list[SiteReport] = []
-    ran: set[tuple[str, str]] = set()
+    ran: set[tuple] = set()
     for site in sorted(state.sites, key=lambda s: (s.kind != "attention", s.ordinal)):
         rec = records.get(site.uid)
         if rec is None:
@@ -112,13 +112,15 @@ def _rows(state: ModelState, names: dict[int, str]) -> list[SiteReport]:
         row.last_phase, row.backend, row.errors = st.last_phase, st.backend, list(st.errors)
         row.cache_location = st.cache_location
         out.append(row)
-        ran.add((rec.kind, rec.name))
-    # Sites that have not run (dense ones never create state; a recompiled graph's older records
-    # are covered by the rows above).
+        ran.add((rec.kind, rec.name, rec.status))
+    # Sites that have not run (dense ones never create state). A recompiled graph repeats the records of
+    # the sites above, and identical dense records (same place, reason and shapes) are listed once.
     for rec in records.values():
-        if (rec.kind, rec.name) not in ran:
+        key = (rec.kind, rec.name, rec.status) if rec.status == "rewritten" else (
+            rec.kind, rec.name, rec.status, rec.reason, str(rec.shapes))
+        if key not in ran and (rec.kind, rec.name, "rewritten") not in ran:
             out.append(_row(rec))
-            ran.add((rec.kind, rec.name))
+            ran.add(key)
     return out
 
 

@@ -168,7 +168,10 @@ def replace_mlp(gm: fx.GraphModule, cfg: MlpConfig, plan: Plan) -> int:
         if act in erased or not (is_call(act, GELU_TARGETS) or is_call(act, SILU_TARGETS)):
             continue
         m, reason = match_mlp(act)
-        record = SiteRecord(kind="mlp", status="dense", name=module_path(act) or act.name, uid=plan.next_uid())
+        h = arg(act, 0, "input")
+        producer = h if is_call(h, LINEAR_TARGETS) else act  # the first linear names the MLP best
+        record = SiteRecord(kind="mlp", status="dense", name=module_path(producer) or module_path(act) or act.name,
+                            uid=plan.next_uid())
         if m is None:
             if _is_mlp_like(act):
                 record.reason = reason

@@ -168,3 +168,27 @@ def test_opcheck_both_ops():
     w2, b2 = torch.randn(4, 14), torch.randn(4)
     torch.library.opcheck(torch.ops.chipmunk.mlp.default, (x, w1, b1, w2, b2, 2, "gelu", False, 2, 12))
     torch.library.opcheck(torch.ops.chipmunk.mlp.default, (x, w1, None, w2, None, 3, "silu", True, 0, 6))
+
+
+def test_float64_model_stays_dense_with_reason():
+    model = TinyDiT(depth=1, seq=16).double().eval()
+    report = _compile_and_report(model, torch.randn(1, 16, 8, dtype=torch.float64),
+                                 timestep=torch.tensor([500.0], dtype=torch.float64))
+    attn, mlp = _only(report, "attention"), report.by_kind("mlp")
+    assert attn.status == "dense" and "dtype torch.float64" in attn.reason
+    assert all(s.status == "dense" for s in mlp) and any("dtype torch.float64" in s.reason for s in mlp)
+
+
+def test_additive_float_key_padding_mask_matches_dense_at_full_keep():
+    mask = torch.zeros(2, 1, 1, 16)
+    mask[1, ..., 10:] = float("-inf")
+    model = Attn().eval()
+    opts = {"attention.keep": 1.0, "attention.random_keep": 0.0, "attention.first_dense_layers": 0,
+            "attention.first_dense_steps": 1}
+    compiled = torch.compile(model, backend="chipmunk", options=opts)
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        for _ in range(3):  # no timestep input: counting mode, one step per call; steps 1, 2 are sparse
+            torch.testing.assert_close(compiled(x, mask=mask), model(x, mask=mask), atol=1e-5, rtol=1e-5)
+    site = _only(chipmunk_compile.report(compiled), "attention")
+    assert site.status == "rewritten" and site.sparse_calls == 2
