@@ -73,7 +73,7 @@ def select_columns(
 
 
 def select_columns_fast(
-    scores: torch.Tensor, k_top: int, n_rand: int, seed: int
+    scores: torch.Tensor, k_top: int, n_rand: int, seed: int, *, use_kernel: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`select_columns` for finite scores, with the randomness fixed by ``seed`` (no generator state).
 
@@ -86,11 +86,12 @@ def select_columns_fast(
         scores: (..., N) float, finite (no masked columns).
         k_top, n_rand: as in :func:`select_columns` (``1 <= k_top``, ``k_top + n_rand <= N``).
         seed: an int; the same seed gives the same selection.
+        use_kernel: allow the Triton path (callers turn it off after it failed once).
 
     Returns:
         indices: (..., k_top + n_rand) int32, ascending per row; counts: (...) int32, all k_top + n_rand.
     """
-    if scores.is_cuda:
+    if use_kernel and scores.is_cuda:
         n = scores.shape[-1]
         flat = scores.reshape(-1, n)
         if flat.dtype != torch.float32:

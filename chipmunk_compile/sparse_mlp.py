@@ -17,6 +17,7 @@ selection costs one small matmul over the block means, not the full first linear
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from chipmunk_compile.selection import column_budget, select_columns_fast
 from chipmunk_compile.state import CallContext, SiteState
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
+log = logging.getLogger("chipmunk_compile")
 
 
 @dataclass
@@ -82,6 +84,21 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     if tail:
         parts.append(torch.sum(x[:, full * block :], dim=1, keepdim=True, dtype=torch.float32) / tail)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _select_units(site: SiteState, diff: torch.Tensor, k_top: int, n_rand: int, seed: int) -> torch.Tensor:
+    """Selected units (B, nb, k) int32; a failing selection kernel is logged once and replaced by PyTorch."""
+    use_kernel = site.selection_kernel_error is None
+    try:
+        return select_columns_fast(diff, k_top, n_rand, seed, use_kernel=use_kernel)[0]
+    except Exception as err:  # noqa: BLE001 - Triton compile/launch errors have no common base class
+        if not (use_kernel and diff.is_cuda):
+            raise
+        log.warning("chipmunk: the selection kernel failed (%s: %s); MLP site %d selects with PyTorch from now on",
+                    type(err).__name__, err, site.ordinal)
+        site.selection_kernel_error = f"{type(err).__name__}: {err}"
+        site.stats.backend += " [selection: pytorch after a kernel failure]"
+        return select_columns_fast(diff, k_top, n_rand, seed, use_kernel=False)[0]
 
 
 def mlp_flops(m: int, din: int, f: int, dout: int, gated: bool) -> int:
@@ -156,7 +173,7 @@ def run_mlp(
         diff = torch.sub(bm, entry.block_mean).abs_()
         if gated:
             diff = diff[..., :f] + diff[..., f:]
-        idx, _ = select_columns_fast(diff, k_top, n_rand, ctx.state.next_seed())
+        idx = _select_units(site, diff, k_top, n_rand, ctx.state.next_seed())
         ref_idx = torch.cat([idx, idx + f], dim=-1).long() if gated else idx.long()
         # refresh the reference block means of the chosen units only (unchosen ones keep drifting)
         entry.block_mean.scatter_(-1, ref_idx, bm.gather(-1, ref_idx))

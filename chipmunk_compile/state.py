@@ -162,6 +162,7 @@ class SiteState:
         # Host-side decisions that depend only on shapes/dtypes/layouts, made once per signature:
         # signature -> (reason the Triton path cannot run, or None; whether a launch was validated).
         self.launch_checks: dict[tuple, list] = {}
+        self.selection_kernel_error: str | None = None  # set when the Triton selection failed here
         self.stats = SiteStats()
 
     @property

@@ -280,3 +280,31 @@ def test_caches_are_freed_with_the_model():
     del state, model, compiled, entries
     gc.collect()
     assert state_ref() is None and all(r() is None for r in caches)
+
+
+def test_failing_selection_kernel_falls_back_with_a_log(monkeypatch, caplog):
+    """A selection kernel that fails (e.g. a GPU it cannot compile for) is logged and replaced, per site."""
+    import chipmunk_compile.sparse_mlp as sparse_mlp
+
+    calls = []
+
+    def flaky(scores, k_top, n_rand, seed, *, use_kernel=True):
+        calls.append(use_kernel)
+        if use_kernel:
+            raise RuntimeError("no kernel for this device")
+        return select(scores, k_top, n_rand, seed, use_kernel=False)
+
+    select = sparse_mlp.select_columns_fast
+    monkeypatch.setattr(sparse_mlp, "select_columns_fast", flaky)
+    state = ModelState(ChipmunkConfig().with_overrides({"mlp.first_dense_layers": 0, "mlp.first_dense_steps": 1}))
+    site = state.site("mlp", 1, torch.randn(2, 2))
+    diff = torch.rand(1, 3, 64)
+    with pytest.raises(RuntimeError):  # on CPU the kernel is never the cause: the error is not hidden
+        sparse_mlp._select_units(site, diff, 8, 2, seed=1)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with caplog.at_level("WARNING", logger="chipmunk_compile"):
+        idx = sparse_mlp._select_units(site, diff, 8, 2, seed=1)
+    assert idx.shape == (1, 3, 10) and "selection kernel failed" in caplog.text
+    assert site.selection_kernel_error.startswith("RuntimeError") and calls[-2:] == [True, False]
+    sparse_mlp._select_units(site, diff, 8, 2, seed=2)
+    assert calls[-1] is False  # not retried
