@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = load(args.variant, device, dtype)
     labels = torch.arange(args.classes) * 3 % model.config.num_classes
     options = {"preset": args.preset, "check_error": True}
