@@ -15,6 +15,7 @@ demo: $(STAMP)
 	$(PY) bench/demo.py
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -x
 
 test-fast: $(STAMP)
