@@ -61,6 +61,41 @@ class E2EConfig:
     profile_dir: str = ""
     frames: int = 9
     mode: str = ""
+    timed_steps: int = 0  # > 0: time only the first steps of the schedule and predict the whole loop
+
+
+def step_kinds(config, steps: int) -> list[tuple]:
+    """The kind of each step under a chipmunk config: (attention dense, attention selects, MLP phase).
+
+    MLP phase: "off", "dense", "select" (a sparse step that re-selects units) or "reuse". Steps of one kind
+    cost the same, so timing each kind once predicts a whole loop (used for runs too long to time whole).
+    """
+    att, mlp = config.attention, config.mlp
+    kinds, selected_at = [], None
+    for step in range(steps):
+        dense = att.enabled and att.is_dense_step(step)
+        selects = dense and (step == 0 or att.recompute_selection)
+        if not mlp.enabled:
+            phase = "off"
+        elif mlp.is_dense_step(step):
+            phase, selected_at = "dense", None
+        elif selected_at is None or step - selected_at >= mlp.selection_every:
+            phase, selected_at = "select", step
+        else:
+            phase = "reuse"
+        kinds.append((dense, selects, phase))
+    return kinds
+
+
+def predict_total_ms(step_ms: list[float], kinds: list[tuple]) -> float:
+    """Sum over the schedule of the time of each step kind's first occurrence in ``step_ms``."""
+    first: dict[tuple, float] = {}
+    for ms, kind in zip(step_ms, kinds):
+        first.setdefault(kind, ms)
+    missing = {k for k in kinds if k not in first}
+    if missing:
+        raise ValueError(f"step kinds {sorted(missing)} were not timed; time more steps")
+    return sum(first[k] for k in kinds)
 
 
 @dataclass
@@ -176,7 +211,7 @@ BUILDERS = {"flux": build_flux, "hunyuan": build_hunyuan, "wan": build_wan}
 
 
 def generate(model, call, latent_shape, steps, device, dtype, step_times: list[float] | None = None,
-             profile: tuple[int, int, str] | None = None):
+             profile: tuple[int, int, str] | None = None, max_steps: int | None = None):
     """One generation. ``profile=(first, last, path)`` writes a CUDA-time table of steps [first, last)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -188,6 +223,8 @@ def generate(model, call, latent_shape, steps, device, dtype, step_times: list[f
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     with torch.no_grad():
         for i, t in enumerate(sched.timesteps):
+            if max_steps is not None and i >= max_steps:
+                break
             if profile is not None and i == profile[0]:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                           torch.profiler.ProfilerActivity.CUDA])
@@ -239,9 +276,10 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
         compiled = model
     else:
         compiled = torch.compile(model, backend=backend, **kwargs)
+    limit = cfg.timed_steps or None
     _sync(device)
     t0 = time.perf_counter()
-    generate(compiled, call, shape, cfg.steps, device, dtype)
+    generate(compiled, call, shape, cfg.steps, device, dtype, max_steps=limit)
     _sync(device)
     first = time.perf_counter() - t0
     graphs = counters["stats"]["unique_graphs"]
@@ -253,15 +291,19 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
         t0 = time.perf_counter()
         # per-step device events on the last timed generation (recorded without syncs)
         out = generate(compiled, call, shape, cfg.steps, device, dtype,
-                       step_times=steps_ms if r == cfg.repeats - 1 else None)
+                       step_times=steps_ms if r == cfg.repeats - 1 else None, max_steps=limit)
         _sync(device)
         times.append(time.perf_counter() - t0)
     if cfg.profile_dir and device.type == "cuda":
-        for first in (2, 3):  # a sparse step that reuses the MLP selection, and one that reselects
+        for step in (2, 3):  # a sparse step that reuses the MLP selection, and one that reselects
             generate(compiled, call, shape, cfg.steps, device, dtype,
-                     profile=(first, first + 1, f"{cfg.profile_dir}/profile_{name}_step{first}.txt"))
+                     profile=(step, step + 1, f"{cfg.profile_dir}/profile_{name}_step{step}.txt"))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     sec = statistics.median(times)
+    if limit:  # only the first steps ran: predict the whole schedule from the time of each step kind
+        kinds = step_kinds(config, cfg.steps) if name == "chipmunk" else [("dense",)] * cfg.steps
+        sec = predict_total_ms(steps_ms, kinds) / 1e3
+        first = first - statistics.median(times) + sec
     report = ""
     if name == "chipmunk":
         import chipmunk_compile
@@ -285,13 +327,15 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default=None, help="chipmunk preset (default: the model's)")
     p.add_argument("--set", action="append", default=[], help="chipmunk override KEY=VALUE (JSON value)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--timed-steps", type=int, default=0,
+                   help="time only this many first steps and predict the whole loop from each step kind's time")
     p.add_argument("--mode", default="", help="torch.compile mode for both sides, e.g. reduce-overhead")
     p.add_argument("--profile", action="store_true", help="write CUDA-time tables of two steps to --out")
     args = p.parse_args(argv)
     overrides = tuple((k, json.loads(v)) for k, v in (s.split("=", 1) for s in args.set))
     cfg = E2EConfig(model=args.model, size=args.size, steps=args.steps, regional=not args.full_graph_compile,
                     repeats=args.repeats, preset=args.preset or args.model, overrides=overrides, frames=args.frames,
-                    profile_dir=args.out if args.profile else "", mode=args.mode)
+                    profile_dir=args.out if args.profile else "", mode=args.mode, timed_steps=args.timed_steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results, outs, report = {}, {}, ""
@@ -317,7 +361,7 @@ def main(argv=None) -> None:
                         "preset", "overrides", "mode", "backend", "seconds_per_generation", "speedup_vs_inductor",
                         "compile_s",
                         "first_generation_s", "peak_gb", "recompiles_after_warmup", "rel_l2_vs_inductor",
-                        "step_ms_median_dense_steps", "step_ms_median_all"])
+                        "step_ms_median_dense_steps", "step_ms_median_all", "predicted_from_steps"])
         for name, r in results.items():
             w.writerow([card, torch.__version__, triton_version(), git_sha(), date, cfg.model, cfg.size,
                         cfg.frames if cfg.model != "flux" else "", cfg.steps,
@@ -328,7 +372,7 @@ def main(argv=None) -> None:
                         f"{r.compile_s:.1f}", f"{r.first_generation_s:.1f}", f"{r.peak_gb:.2f}",
                         r.recompiles_after_warmup, f"{rel:.4g}" if name == "chipmunk" else "",
                         f"{statistics.median(r.step_ms[:2]):.2f}" if r.step_ms else "",
-                        f"{statistics.median(r.step_ms):.2f}" if r.step_ms else ""])
+                        f"{statistics.median(r.step_ms):.2f}" if r.step_ms else "", cfg.timed_steps or ""])
     (out_dir / f"e2e_steps_{cfg.model}_{date}.json").write_text(
         json.dumps({"config": asdict(cfg), "card": card, "results": {k: asdict(v) for k, v in results.items()}}))
     print(report)
