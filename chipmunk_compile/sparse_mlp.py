@@ -181,13 +181,14 @@ def run_mlp(
         stats.selections += 1
         sel_flops = 2 * bsz * bm.shape[1] * din * w1.shape[0]
     if triton:
-        # The kernel gathers rows of W2ᵀ: keep one contiguous transposed copy per site (made once; a
-        # strided view of W2 itself makes the gather uncoalesced and the sparse step slower than dense).
+        # The kernel gathers rows of W2ᵀ: keep one contiguous transposed copy of the activation's columns
+        # per site (made once; a strided view of W2 makes the gather uncoalesced and the sparse step slower
+        # than the dense one).
         w2t = site.weight_copies.get("w2t")
-        if w2t is None or w2t.device != w2.device or w2t.shape != (w2.shape[1], w2.shape[0]):
-            w2t = site.weight_copies["w2t"] = w2.t().contiguous()
+        if w2t is None or w2t.device != w2.device or w2t.shape != (w2_width, dout):
+            w2t = site.weight_copies["w2t"] = w2s.t().contiguous()
         mlp_kernels.column_sparse_mlp_delta(
-            x3, w1, b1, w2t.narrow(0, w2_offset, w2_width).t(), entry.indices, entry.act, entry.out,
+            x3, w1, b1, w2t.t(), entry.indices, entry.act, entry.out,
             activation=activation, gated=gated, block_size=cfg.block, validate=not checks[1],
         )
         checks[1] = True

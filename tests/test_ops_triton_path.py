@@ -1,0 +1,69 @@
+"""The ops' Triton branch (taken on CUDA) exercised on CPU under TRITON_INTERPRET=1: same results as the
+PyTorch-reference branch, through dense, selection and sparse steps."""
+
+import pytest
+import torch
+
+import chipmunk_compile.sparse_attention as sparse_attention
+import chipmunk_compile.sparse_mlp as sparse_mlp
+from chipmunk_compile import ChipmunkConfig
+from chipmunk_compile.state import CallContext, ModelState, StepInfo, activate, deactivate
+
+if torch.cuda.is_available():
+    pytest.skip("the GPU job runs the Triton branch for real", allow_module_level=True)
+
+CFG = ChipmunkConfig().with_overrides({
+    "attention.first_dense_layers": 0, "attention.first_dense_steps": 1, "attention.query_group": 64,
+    "attention.keep": 0.3, "attention.random_keep": 0.0,
+    "mlp.first_dense_layers": 0, "mlp.first_dense_steps": 1, "mlp.block": 64, "mlp.keep": 0.3,
+    "mlp.random_keep": 0.0,
+})
+
+
+def _run(op, triton: bool, monkeypatch, module, steps):
+    if triton:
+        monkeypatch.setattr(module, "_use_triton", lambda *a, **k: None)
+    else:
+        monkeypatch.setattr(module, "_use_triton", lambda *a, **k: "forced reference")
+    state = ModelState(CFG)
+    outs = []
+    for step, args in enumerate(steps):
+        token = activate(CallContext(state, StepInfo(0, step, 0)))
+        try:
+            outs.append(op(*args))
+        finally:
+            deactivate(token)
+    return outs, state
+
+
+def test_attention_triton_branch_matches_reference(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 70, 64) for _ in range(3))
+    w = torch.randn(4, 4)
+    steps = [(q + 0.05 * i * torch.randn_like(q), k, v, None, w, 1, None, False, 0, 0) for i in range(3)]
+    op = torch.ops.chipmunk.attention.default
+    ref, _ = _run(op, False, monkeypatch, sparse_attention, steps)
+    got, state = _run(op, True, monkeypatch, sparse_attention, steps)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    (site,) = state.sites
+    assert site.stats.sparse_calls == 2 and site.stats.backend == "triton"
+
+
+@pytest.mark.parametrize("gated, concat", [(False, True), (True, False)])
+def test_mlp_triton_branch_matches_reference(monkeypatch, gated, concat):
+    torch.manual_seed(0)
+    f, din, dout = 32, 16, 16
+    w1 = torch.randn(f * (2 if gated else 1), din) / 4
+    b1 = torch.randn(w1.shape[0]) / 4
+    width = f + (16 if concat else 0)
+    w2, off = torch.randn(dout, width) / 4, (16 if concat else 0)
+    x = torch.randn(1, 70, din)
+    steps = [(x + 0.1 * i * torch.randn_like(x), w1, b1, w2, None, 3, "gelu_tanh", gated, off, f) for i in range(4)]
+    op = torch.ops.chipmunk.mlp.default
+    ref, _ = _run(op, False, monkeypatch, sparse_mlp, steps)
+    got, state = _run(op, True, monkeypatch, sparse_mlp, steps)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    (site,) = state.sites
+    assert site.stats.sparse_calls == 3 and site.weight_copies["w2t"].shape == (f, dout)
