@@ -14,8 +14,11 @@ between the two (random weights: a sanity check, not a quality measure). Appends
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
+import functools
+import gc
 import json
 import statistics
 import time
@@ -62,6 +65,8 @@ class E2EConfig:
     frames: int = 9
     mode: str = ""
     timed_steps: int = 0  # > 0: time only the first steps of the schedule and predict the whole loop
+    profile_steps: tuple[int, ...] = (2, 3)
+    backends: tuple[str, ...] = ("inductor", "chipmunk")
 
 
 def step_kinds(config, steps: int) -> list[tuple]:
@@ -107,6 +112,7 @@ class E2EResult:
     peak_gb: float
     recompiles_after_warmup: int
     step_ms: list[float] = field(default_factory=list)
+    gc_ms: float = 0.0  # Python garbage collection during the timed generations (host time)
 
 
 def build_flux(cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
@@ -211,30 +217,23 @@ BUILDERS = {"flux": build_flux, "hunyuan": build_hunyuan, "wan": build_wan}
 
 
 def generate(model, call, latent_shape, steps, device, dtype, step_times: list[float] | None = None,
-             profile: tuple[int, int, str] | None = None, max_steps: int | None = None):
-    """One generation. ``profile=(first, last, path)`` writes a CUDA-time table of steps [first, last)."""
+             profile: tuple[int, str, str] | None = None, max_steps: int | None = None):
+    """One generation. ``profile=(step, path_prefix, how)`` profiles that step (see :func:`_profile_step`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     sched.set_timesteps(steps, device=device)
     latents = torch.randn(latent_shape, generator=torch.Generator(device="cpu").manual_seed(0)).to(device, dtype)
     cuda = device.type == "cuda"
-    prof = None
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     with torch.no_grad():
         for i, t in enumerate(sched.timesteps):
             if max_steps is not None and i >= max_steps:
                 break
             if profile is not None and i == profile[0]:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                          torch.profiler.ProfilerActivity.CUDA])
-                prof.__enter__()
-            if profile is not None and i == profile[1] and prof is not None:
-                torch.cuda.synchronize()
-                prof.__exit__(None, None, None)
-                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-                Path(profile[2]).write_text(table)
-                prof = None
+                v = _profile_step(functools.partial(call, model, latents, t), *profile[1:])
+                latents = sched.step(v, t, latents).prev_sample
+                continue
             if step_times is not None and cuda:  # events only: no sync inside the loop
                 events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
                 events[-1][0].record()
@@ -250,6 +249,66 @@ def generate(model, call, latent_shape, steps, device, dtype, step_times: list[f
         events[-1][1].synchronize()
         step_times.extend(start.elapsed_time(end) for start, end in events)
     return latents
+
+
+def _profile_step(fn, prefix: str, how: str):
+    """Profile one model call, started on an idle GPU, into ``{prefix}_{how}.txt``.
+
+    how = "host": host time to enqueue the call (until it returns) vs. its wall time to GPU idle (close
+    means host-bound); "python": cProfile by own time (where the host time goes); "torch": torch.profiler
+    tables by CUDA time and by self CPU time. Each call must be its own generation's step: calling the model
+    twice with one timestep would make the second call a new CFG stream.
+    """
+    torch.cuda.synchronize()
+    if how == "host":
+        t0 = time.perf_counter()
+        out = fn()
+        host = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        text = f"host enqueue {host * 1e3:.1f} ms, wall to GPU idle {wall * 1e3:.1f} ms (one call from an idle GPU)"
+        print(f"{prefix}: {text}", flush=True)
+    elif how == "python":
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        out = fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(45)
+        text = buf.getvalue()
+    else:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as tprof:
+            out = fn()
+            torch.cuda.synchronize()
+        averages = tprof.key_averages()
+        text = (averages.table(sort_by="cuda_time_total", row_limit=35) + "\n\n"
+                + averages.table(sort_by="self_cpu_time_total", row_limit=35))
+    Path(f"{prefix}_{how}.txt").write_text(text + "\n")
+    return out
+
+
+@contextlib.contextmanager
+def gc_timer(total: list[float]):
+    """Adds the host time spent in Python's garbage collector to ``total[0]`` (ms) while open."""
+    start: list[float] = []
+
+    def callback(phase, info):
+        if phase == "start":
+            start[:] = [time.perf_counter()]
+        elif start:
+            total[0] += (time.perf_counter() - start[0]) * 1e3
+
+    gc.callbacks.append(callback)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(callback)
 
 
 def _sync(device):
@@ -285,19 +344,21 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
     graphs = counters["stats"]["unique_graphs"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, steps_ms, out = [], [], None
+    times, steps_ms, out, gc_ms = [], [], None, [0.0]
     for r in range(cfg.repeats):
         _sync(device)
         t0 = time.perf_counter()
         # per-step device events on the last timed generation (recorded without syncs)
-        out = generate(compiled, call, shape, cfg.steps, device, dtype,
-                       step_times=steps_ms if r == cfg.repeats - 1 else None, max_steps=limit)
+        with gc_timer(gc_ms):
+            out = generate(compiled, call, shape, cfg.steps, device, dtype,
+                           step_times=steps_ms if r == cfg.repeats - 1 else None, max_steps=limit)
         _sync(device)
         times.append(time.perf_counter() - t0)
     if cfg.profile_dir and device.type == "cuda":
-        for step in (2, 3):  # a sparse step that reuses the MLP selection, and one that reselects
-            generate(compiled, call, shape, cfg.steps, device, dtype,
-                     profile=(step, step + 1, f"{cfg.profile_dir}/profile_{name}_step{step}.txt"))
+        for step in cfg.profile_steps:  # FLUX: 2 reuses the MLP selection, 3 reselects
+            for how in ("host", "python", "torch"):
+                generate(compiled, call, shape, cfg.steps, device, dtype, max_steps=step + 1,
+                         profile=(step, f"{cfg.profile_dir}/profile_{cfg.model}_{name}_step{step}", how))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     sec = statistics.median(times)
     if limit:  # only the first steps ran: predict the whole schedule from the time of each step kind
@@ -309,7 +370,8 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
         import chipmunk_compile
 
         report = str(chipmunk_compile.report(model))
-    res = E2EResult(name, sec, first, first - sec, peak, counters["stats"]["unique_graphs"] - graphs, steps_ms)
+    res = E2EResult(name, sec, first, first - sec, peak, counters["stats"]["unique_graphs"] - graphs, steps_ms,
+                    gc_ms[0] / cfg.repeats)
     del model, compiled
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -330,24 +392,31 @@ def main(argv=None) -> None:
     p.add_argument("--timed-steps", type=int, default=0,
                    help="time only this many first steps and predict the whole loop from each step kind's time")
     p.add_argument("--mode", default="", help="torch.compile mode for both sides, e.g. reduce-overhead")
-    p.add_argument("--profile", action="store_true", help="write CUDA-time tables of two steps to --out")
+    p.add_argument("--profile", action="store_true", help="profile the --profile-steps (host, Python, CUDA) into --out")
+    p.add_argument("--profile-steps", default="2,3", help="comma list of steps to profile")
+    p.add_argument("--backends", default="inductor,chipmunk", help="comma list; speedups need both")
     args = p.parse_args(argv)
     overrides = tuple((k, json.loads(v)) for k, v in (s.split("=", 1) for s in args.set))
     cfg = E2EConfig(model=args.model, size=args.size, steps=args.steps, regional=not args.full_graph_compile,
                     repeats=args.repeats, preset=args.preset or args.model, overrides=overrides, frames=args.frames,
-                    profile_dir=args.out if args.profile else "", mode=args.mode, timed_steps=args.timed_steps)
+                    profile_dir=args.out if args.profile else "", mode=args.mode, timed_steps=args.timed_steps,
+                    profile_steps=tuple(int(x) for x in args.profile_steps.split(",")),
+                    backends=tuple(args.backends.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results, outs, report = {}, {}, ""
-    for name in ("inductor", "chipmunk"):
+    for name in cfg.backends:
         res, out, rep = run_backend(name, cfg, device, dtype)
         results[name], outs[name] = res, out
         report = rep or report
         print(f"{name}: {res.seconds_per_generation:.3f} s/gen, first {res.first_generation_s:.1f} s, "
-              f"compile {res.compile_s:.1f} s, peak {res.peak_gb:.1f} GB, recompiles {res.recompiles_after_warmup}",
+              f"compile {res.compile_s:.1f} s, peak {res.peak_gb:.1f} GB, recompiles {res.recompiles_after_warmup}, "
+              f"gc {res.gc_ms:.0f} ms/gen",
               flush=True)
-    rel = float((outs["chipmunk"].float() - outs["inductor"].float()).norm() / outs["inductor"].float().norm())
-    speedup = results["inductor"].seconds_per_generation / results["chipmunk"].seconds_per_generation
+    both = "inductor" in outs and "chipmunk" in outs
+    rel = float((outs["chipmunk"].float() - outs["inductor"].float()).norm() / outs["inductor"].float().norm()) \
+        if both else float("nan")
+    base = results["inductor"].seconds_per_generation if "inductor" in results else None
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -368,15 +437,17 @@ def main(argv=None) -> None:
                         cfg.regional, cfg.preset if name == "chipmunk" else "", dict(cfg.overrides),
                         cfg.mode or "default", name,
                         f"{r.seconds_per_generation:.4f}",
-                        f"{results['inductor'].seconds_per_generation / r.seconds_per_generation:.3f}",
+                        f"{base / r.seconds_per_generation:.3f}" if base else "",
                         f"{r.compile_s:.1f}", f"{r.first_generation_s:.1f}", f"{r.peak_gb:.2f}",
-                        r.recompiles_after_warmup, f"{rel:.4g}" if name == "chipmunk" else "",
+                        r.recompiles_after_warmup, f"{rel:.4g}" if name == "chipmunk" and both else "",
                         f"{statistics.median(r.step_ms[:2]):.2f}" if r.step_ms else "",
                         f"{statistics.median(r.step_ms):.2f}" if r.step_ms else "", cfg.timed_steps or ""])
     (out_dir / f"e2e_steps_{cfg.model}_{date}.json").write_text(
         json.dumps({"config": asdict(cfg), "card": card, "results": {k: asdict(v) for k, v in results.items()}}))
     print(report)
-    print(f"speedup chipmunk vs inductor: {speedup:.3f}x on {card}; final latent rel L2 {rel:.3g}; wrote {path}")
+    if both:
+        speedup = base / results["chipmunk"].seconds_per_generation
+        print(f"speedup chipmunk vs inductor: {speedup:.3f}x on {card}; final latent rel L2 {rel:.3g}; wrote {path}")
 
 
 if __name__ == "__main__":

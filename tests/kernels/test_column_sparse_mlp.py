@@ -265,7 +265,8 @@ def test_supports_reasons():
                                              torch.randn(16, 8, device=DEVICE))
     assert "mixed dtypes" in csm.supports(x, torch.randn(8, 32, device=DEVICE).half(),
                                           torch.randn(16, 8, device=DEVICE))
-    assert "dtype" in csm.supports(x.double(), torch.randn(8, 32).double(), torch.randn(16, 8).double())
+    assert "dtype" in csm.supports(x.double(), torch.randn(8, 32, device=DEVICE).double(),
+                                   torch.randn(16, 8, device=DEVICE).double())
 
 
 # ---------------------------------------------------------------------------------------------------------
