@@ -14,11 +14,11 @@ from __future__ import annotations
 import time
 
 import torch
+from chipmunk_compile.kernels import column_sparse_attention as csa
+from chipmunk_compile.kernels import column_sparse_mlp as csm
 
 import chipmunk_compile  # noqa: F401  (registers the ops)
 from chipmunk_compile import ChipmunkConfig, sparse_attention, sparse_mlp
-from chipmunk_compile.kernels import column_sparse_attention as csa
-from chipmunk_compile.kernels import column_sparse_mlp as csm
 from chipmunk_compile.state import CallContext, ModelState, StepInfo, activate, deactivate
 
 CALLS = 200
