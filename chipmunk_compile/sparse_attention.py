@@ -155,8 +155,8 @@ def run_attention(
             entry = AttentionCache(generation=info.generation)
             site.caches[info.stream] = entry
         if select:
-            o, _lse, colsum = _colsum(q, k, v, scale=scale_f, group=group, key_bias=key_bias, triton=triton)
-            indices, counts = _select_keys(ctx, colsum, key_bias, cfg, sk, text_start, text_len)
+            o, indices, counts = _dense_and_select(ctx, q, k, v, scale=scale_f, key_bias=key_bias, triton=triton,
+                                                   text_start=text_start, text_len=text_len)
             stats.selections += 1
             extra = attention_flops(b, h, s, sk, d, 0)  # the column-sum pass recomputes q·k
         else:
@@ -200,14 +200,50 @@ def run_attention(
     return out
 
 
+def _dense_and_select(ctx, q, k, v, *, scale, key_bias, triton, text_start, text_len):
+    """Exact output (B, H, S, Dv) in (B, S, H, Dv) memory, and the selection: indices (B, H, G, K), counts
+    (B, H, G).
+
+    The column sums are (B, H, G, Sk) fp32: 10.6 GB for HunyuanVideo at 720p/129 frames. They are made and
+    consumed a few heads at a time, so no more than ``COLSUM_BYTES`` of them (plus the selection's own
+    temporaries) exist at once.
+    """
+    cfg: AttentionConfig = ctx.state.config.attention
+    b, h, s, _ = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    groups = -(-s // cfg.query_group)
+    ratio = h // hkv  # query heads per kv head (GQA): a chunk holds whole kv heads
+    per_kv_head = b * ratio * groups * sk * 4
+    chunk = max(1, min(hkv, COLSUM_BYTES // max(per_kv_head, 1))) * ratio
+    if chunk >= h:
+        o, _lse, colsum = _colsum(q, k, v, scale=scale, group=cfg.query_group, key_bias=key_bias, triton=triton)
+        return (o, *_select_keys(ctx, colsum, key_bias, cfg, sk, text_start, text_len))
+    o = q.new_empty((b, s, h, dv)).permute(0, 2, 1, 3)
+    parts = []
+    for h0 in range(0, h, chunk):
+        h1 = min(h, h0 + chunk)
+        bias = key_bias if key_bias is None or key_bias.shape[1] == 1 else key_bias[:, h0:h1]
+        kv = slice(h0 // ratio, h1 // ratio)
+        o_part, _lse, colsum = _colsum(q[:, h0:h1], k[:, kv], v[:, kv], scale=scale, group=cfg.query_group,
+                                       key_bias=bias, triton=triton)
+        o[:, h0:h1].copy_(o_part)
+        del o_part
+        parts.append(_select_keys(ctx, colsum, bias, cfg, sk, text_start, text_len))
+        del colsum
+    return o, torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
+# Column sums made at once at most (bytes); above this a selection step works through the heads in chunks.
+COLSUM_BYTES = 1 << 30
+
+
 def _select_keys(ctx, colsum, key_bias, cfg: AttentionConfig, sk, text_start, text_len):
-    """Indices (B, H, G, K) and counts (B, H, G) from column sums (B, H, G, Sk)."""
+    """Indices (B, H, G, K) and counts (B, H, G) from column sums (B, H, G, Sk), which it overwrites."""
     scores = colsum
     if key_bias is not None:
         invalid = torch.isneginf(key_bias).unsqueeze(2)  # (B, 1|H, 1, Sk)
-        scores = scores.masked_fill(invalid, float("-inf"))
+        scores.masked_fill_(invalid, float("-inf"))
     if cfg.keep_text_keys and text_len > 0:
-        scores = scores.clone() if scores is colsum else scores
         forced = scores[..., text_start : text_start + text_len]
         forced.masked_fill_(forced > float("-inf"), float("inf"))
     k_top, n_rand = column_budget(cfg.keep, cfg.random_keep, sk)

@@ -67,3 +67,28 @@ def test_mlp_triton_branch_matches_reference(monkeypatch, gated, concat):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     (site,) = state.sites
     assert site.stats.sparse_calls == 3 and site.weight_copies["w2t"].shape == (f, dout)
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_selection_in_head_chunks_matches_whole(monkeypatch, triton):
+    """A selection step over a few heads at a time (large column sums) gives the same output and keys."""
+    torch.manual_seed(0)
+    cfg = CFG.with_overrides({"attention.keep_text_keys": True, "attention.query_group": 64})
+    b, h, hkv, s, d = 2, 4, 2, 150, 64
+    q = torch.randn(b, s, h, d).permute(0, 2, 1, 3)  # BHSD views of BSHD, as in the models
+    k, v = (torch.randn(b, s, hkv, d).permute(0, 2, 1, 3) for _ in range(2))
+    key_bias = torch.zeros(b, h, s)
+    key_bias[1, :, 140:] = float("-inf")  # padding of the second sample
+    ctx = CallContext(ModelState(cfg), StepInfo(0, 0, 0))
+    kw = dict(scale=d**-0.5, key_bias=key_bias, triton=triton, text_start=130, text_len=20)
+    whole = sparse_attention._dense_and_select(ctx, q, k, v, **kw)
+    monkeypatch.setattr(sparse_attention, "COLSUM_BYTES", 1)  # one kv head (two query heads) per chunk
+    chunked = sparse_attention._dense_and_select(ctx, q, k, v, **kw)
+    torch.testing.assert_close(chunked[0], whole[0], atol=1e-5, rtol=1e-5)
+    assert chunked[0].permute(0, 2, 1, 3).is_contiguous()
+    assert torch.equal(chunked[1], whole[1]) and torch.equal(chunked[2], whole[2])
+    idx, counts = chunked[1][1], chunked[2][1]
+    used = torch.arange(idx.shape[-1]) < counts.unsqueeze(-1)
+    assert (idx[used] < 140).all()  # masked keys are never chosen
+    forced = torch.stack([(idx == t) & used for t in range(130, 140)], -1).any(-2)
+    assert forced.all()  # every valid text key is kept by every group
