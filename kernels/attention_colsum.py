@@ -28,12 +28,14 @@ dense; Triton pass 1 26.4 ms (used with a key bias). At S=4352: 0.82 ms = 2.1x d
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 # Input checks shared with the sparse kernel (same q/k/v contract).
+from chipmunk_compile.kernels._launch import CachedLauncher, PlanCache, tensor_signature
 from chipmunk_compile.kernels.column_sparse_attention import (
     _check_key_bias,
     _interpreting,
@@ -322,6 +324,66 @@ def attention_with_colsum(
             (-inf, with o = 0, for a query whose keys are all masked);
         colsum: fp32 (B, Hq, G, Sk) contiguous, ``colsum[b, h, g, j] = sum_{i in g} softmax_i(j)``.
     """
+    sig = (
+        tensor_signature(q), tensor_signature(k), tensor_signature(v),
+        None if key_bias is None else tensor_signature(key_bias), group_size, config,
+    )  # fmt: skip
+    plan = _PLANS.get(sig)
+    if plan is None:
+        plan = _PLANS.put(sig, _plan(q, k, v, group_size, key_bias, config))
+    B, Hq, S, D = q.shape
+    Sk = k.shape[2]
+    out = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
+    lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    colsum = torch.empty((B, Hq, plan.groups, Sk), dtype=torch.float32, device=q.device)
+    if B == 0 or Hq == 0 or S == 0:
+        return out, lse, colsum
+    if Sk == 0:
+        return out.zero_(), lse.fill_(float("-inf")), colsum
+
+    bias = key_bias if key_bias is not None else q  # unread without HAS_BIAS
+    qk_scale = float(scale) * _LOG2E
+    cfg = plan.cfg
+    dense = None
+    if key_bias is None and (cfg.dense_pass == "cudnn" or (cfg.dense_pass == "auto" and _CUDNN_DENSE_PASS)):
+        dense = _dense_pass_cudnn(q, k, v, float(scale))
+    if dense is not None:
+        out, lse = dense
+    else:
+        _launch_fwd(
+            plan.fwd_grid, (q, k, v, bias, out, lse, S, Sk, qk_scale, *plan.fwd_strides), plan.fwd_constexprs,
+            signature=sig, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        )  # fmt: skip
+    # lse is (B, Hq, S) contiguous either way (cuDNN's is made contiguous), so its strides are in the plan
+    _launch_colsum(
+        plan.colsum_grid, (q, k, bias, lse, colsum, S, Sk, plan.groups, qk_scale, *plan.colsum_strides),
+        plan.colsum_constexprs, signature=sig, num_warps=cfg.colsum_warps, num_stages=cfg.colsum_stages,
+    )  # fmt: skip
+    return out, lse, colsum
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What an attention_with_colsum call computes from shapes, strides, dtypes and options alone."""
+
+    cfg: ColsumConfig
+    groups: int
+    fwd_grid: tuple[int, int, int]
+    fwd_strides: tuple[int, ...]
+    fwd_constexprs: dict[str, Any]
+    colsum_grid: tuple[int, int, int]
+    colsum_strides: tuple[int, ...]
+    colsum_constexprs: dict[str, Any]
+
+
+# Plans by signature: the checks, the config, the 64-bit offset decision and the strides run once per
+# signature instead of on every selection step.
+_PLANS = PlanCache()
+_launch_fwd = CachedLauncher(_attention_fwd_kernel)
+_launch_colsum = CachedLauncher(_attention_colsum_kernel)
+
+
+def _plan(q, k, v, group_size, key_bias, config) -> _Plan:
     reason = supports(q, k, v)
     if reason is not None:
         raise ValueError(f"attention_with_colsum: {reason}")
@@ -337,16 +399,13 @@ def attention_with_colsum(
             f"attention_with_colsum: colsum_block_m={cfg.colsum_block_m} must divide group_size={group_size}"
         )
     G = triton.cdiv(S, group_size)
-    out = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
-    lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
-    colsum = torch.empty((B, Hq, G, Sk), dtype=torch.float32, device=q.device)
-    if B == 0 or Hq == 0 or S == 0:
-        return out, lse, colsum
-    if Sk == 0:
-        return out.zero_(), lse.fill_(float("-inf")), colsum
-
-    bias = key_bias if key_bias is not None else q.new_empty((1, 1, 1), dtype=torch.float32)  # unread
-    bias_strides = (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0, bias.stride(2))
+    out = torch.empty((B, S, Hq, D), dtype=q.dtype, device="meta").permute(0, 2, 1, 3)  # strides only
+    lse_strides = (Hq * S, S)
+    colsum_strides = (Hq * G * Sk, G * Sk, Sk)
+    if key_bias is not None:
+        bias_strides = (key_bias.stride(0), key_bias.stride(1) if key_bias.shape[1] > 1 else 0, key_bias.stride(2))
+    else:
+        bias_strides = (0, 0, 0)  # unread: q stands in for the bias pointer
     block = max(cfg.fwd_block_m, cfg.fwd_block_n, cfg.colsum_block_m, cfg.colsum_block_n)
     off64 = (
         max(_max_offset(q, (2, 3)), _max_offset(k, (2, 3)), _max_offset(v, (2, 3)), _max_offset(out, (2, 3)))
@@ -355,33 +414,21 @@ def attention_with_colsum(
     )
     upcast = _interpreting() and q.dtype == torch.bfloat16  # bf16 tl.dot is wrong in the interpreter
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    qk_scale = float(scale) * _LOG2E
     common = dict(GQA_RATIO=Hq // Hkv, HEAD_DIM=D, HAS_BIAS=key_bias is not None, UPCAST=upcast)
     common.update(PRECISION=precision, OFF64=off64)
-
-    dense = None
-    if key_bias is None and (cfg.dense_pass == "cudnn" or (cfg.dense_pass == "auto" and _CUDNN_DENSE_PASS)):
-        dense = _dense_pass_cudnn(q, k, v, float(scale))
-    if dense is not None:
-        out, lse = dense
-    else:
-        _attention_fwd_kernel[(triton.cdiv(S, cfg.fwd_block_m), Hq, B)](
-            q, k, v, bias, out, lse,
-            S, Sk, qk_scale,
+    return _Plan(
+        cfg=cfg,
+        groups=G,
+        fwd_grid=(triton.cdiv(S, cfg.fwd_block_m), Hq, B),
+        fwd_strides=(
             *q.stride(), *k.stride(), *v.stride(), *bias_strides,
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-            BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-            num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages, **common,
-        )  # fmt: skip
-    _attention_colsum_kernel[(triton.cdiv(Sk, cfg.colsum_block_n), Hq, B)](
-        q, k, bias, lse, colsum,
-        S, Sk, G, qk_scale,
-        *q.stride(), *k.stride(), *bias_strides, lse.stride(0), lse.stride(1),
-        colsum.stride(0), colsum.stride(1), colsum.stride(2),
-        GROUP_SIZE=group_size, BLOCK_N=cfg.colsum_block_n, BLOCK_M=cfg.colsum_block_m,
-        num_warps=cfg.colsum_warps, num_stages=cfg.colsum_stages, **common,
-    )  # fmt: skip
-    return out, lse, colsum
+            out.stride(0), out.stride(1), out.stride(2), *lse_strides,
+        ),  # fmt: skip
+        fwd_constexprs=dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, **common),
+        colsum_grid=(triton.cdiv(Sk, cfg.colsum_block_n), Hq, B),
+        colsum_strides=(*q.stride(), *k.stride(), *bias_strides, *lse_strides, *colsum_strides),
+        colsum_constexprs=dict(GROUP_SIZE=group_size, BLOCK_N=cfg.colsum_block_n, BLOCK_M=cfg.colsum_block_m, **common),
+    )
 
 
 def attention_with_colsum_ref(

@@ -48,11 +48,13 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from chipmunk_compile.kernels._launch import CachedLauncher, PlanCache, tensor_signature
 
 __all__ = [
     "ACTIVATIONS",
@@ -366,9 +368,41 @@ def column_sparse_mlp_delta(
         block_size: tokens per selection block, a multiple of 64 (128 default; 256/512 share one
             selection between several 128-row tiles).
         config: tile shapes (benchmarks and tests only).
-        validate: check every argument (skip only for a call whose shapes, dtypes and layouts a
-            previous validated call already had: the checks cost host time on every step).
+        validate: check every argument. The checks, the config and the launch arguments depend only on
+            shapes, strides, dtypes, devices and options, so they run once per such signature and are
+            cached (``validate=False`` skips the checks for a new signature too).
     """
+    sig = (
+        tensor_signature(x), tensor_signature(w1), None if b1 is None else tensor_signature(b1),
+        tensor_signature(w2), tensor_signature(indices), tensor_signature(act_cache), tensor_signature(out_cache),
+        activation, gated, block_size, config, validate,
+    )  # fmt: skip
+    plan = _DELTA_PLANS.get(sig)
+    if plan is None:
+        plan = _DELTA_PLANS.put(sig, _delta_plan(x, w1, b1, w2, indices, act_cache, out_cache, activation, gated,
+                                                 block_size, config, validate))
+    cfg, k_pad, contiguous_indices = plan
+    if contiguous_indices:
+        indices = indices.contiguous()
+    packed = torch.empty((x.shape[0], x.shape[1], k_pad), dtype=x.dtype, device=x.device)
+    _launch_up(x, w1, b1, indices, act_cache, packed, activation, gated, block_size, cfg, signature=sig)
+    _launch_down(packed, w2, indices, out_cache, block_size, cfg, signature=sig)
+
+
+# Host-side work that depends only on shapes, strides, dtypes and options, done once per signature: the
+# checks, the tile config, the launch grids and integer arguments (they cost ~70 µs per call otherwise).
+_DELTA_PLANS = PlanCache()
+_LaunchPlan = tuple[tuple[int, ...], tuple[int, ...], dict[str, Any]]  # grid, integer arguments, constexprs
+_UP_PLANS = PlanCache()
+_DOWN_PLANS = PlanCache()
+_launch_up_kernel = CachedLauncher(_column_sparse_mlp_up_kernel)
+_launch_down_kernel = CachedLauncher(_column_sparse_mlp_down_kernel)
+
+
+def _delta_plan(
+    x, w1, b1, w2, indices, act_cache, out_cache, activation, gated, block_size, config, validate
+) -> tuple[ColumnSparseMlpConfig, int, bool]:
+    """(config, k_pad, whether indices need a contiguous copy) of a column_sparse_mlp_delta signature."""
     if validate:
         _check(
             isinstance(block_size, int) and block_size > 0 and block_size % 64 == 0,
@@ -379,22 +413,24 @@ def column_sparse_mlp_delta(
         if reason is not None:
             raise ValueError(f"column_sparse_mlp_delta: Triton path unsupported: {reason}")
     cfg = config or default_config(gated, x.dtype)
-    if indices.stride(2) != 1:
-        indices = indices.contiguous()
     if validate and x.is_cuda and w2.stride(0) != 1:
         warnings.warn(
             "column_sparse_mlp_delta: w2 has stride(0) != 1, so its gathered columns are strided loads "
             "(~2.5x slower on the FLUX shape); pass a transposed view of a contiguous (F, Dout) copy",
-            stacklevel=2,
+            stacklevel=3,
         )
-    packed = _alloc_packed(x, w2, indices.shape[2], cfg)
-    _launch_up(x, w1, b1, indices, act_cache, packed, activation, gated, block_size, cfg)
-    _launch_down(packed, w2, indices, out_cache, block_size, cfg)
+    k_pad = _packed_width(x.shape[1], x.shape[2], w2, indices.shape[2], cfg)
+    return cfg, k_pad, indices.stride(2) != 1
 
 
 def _alloc_packed(x: torch.Tensor, w2: torch.Tensor, k: int, cfg: ColumnSparseMlpConfig) -> torch.Tensor:
     """The packed delta P: (B, S, k_pad) in x's dtype, k_pad a multiple of both unit tiles."""
-    bsz, seq, din = x.shape
+    k_pad = _packed_width(x.shape[1], x.shape[2], w2, k, cfg)
+    return torch.empty((x.shape[0], x.shape[1], k_pad), dtype=x.dtype, device=x.device)
+
+
+def _packed_width(seq: int, din: int, w2: torch.Tensor, k: int, cfg: ColumnSparseMlpConfig) -> int:
+    """k_pad, the width of P: k rounded up to a multiple of both unit tiles; checks the int32 offsets."""
     dout, units = w2.shape
     step = max(cfg.up_bn, cfg.down_bk)
     k_pad = triton.cdiv(k, step) * step
@@ -402,7 +438,7 @@ def _alloc_packed(x: torch.Tensor, w2: torch.Tensor, k: int, cfg: ColumnSparseMl
     sizes = {"x": seq * din, "act_cache": units * seq, "out_cache": seq * dout, "P": seq * k_pad}
     for name, numel in sizes.items():
         _check(numel <= _INT32_MAX, f"per-sample {name} has {numel} elements; int32 offsets need < 2**31")
-    return torch.empty((bsz, seq, k_pad), dtype=x.dtype, device=x.device)
+    return k_pad
 
 
 def _precision(x: torch.Tensor) -> tuple[bool, str]:
@@ -410,48 +446,90 @@ def _precision(x: torch.Tensor) -> tuple[bool, str]:
     return upcast, "ieee" if x.dtype == torch.float32 or upcast else "tf32"
 
 
-def _launch_up(x, w1, b1, indices, act_cache, packed, activation, gated, block_size, cfg) -> None:
-    """mm1: fills ``packed`` (B, S, k_pad) with deltas and refreshes ``act_cache`` at the selection."""
+def _launch_up(x, w1, b1, indices, act_cache, packed, activation, gated, block_size, cfg, signature=None) -> None:
+    """mm1: fills ``packed`` (B, S, k_pad) with deltas and refreshes ``act_cache`` at the selection.
+
+    ``signature``: a hashable that determines every argument's shape, strides, dtype and device and the
+    options (column_sparse_mlp_delta's); None builds one from the arguments.
+    """
+    if signature is None:
+        signature = (
+            tensor_signature(x), tensor_signature(w1), None if b1 is None else tensor_signature(b1),
+            tensor_signature(indices), tensor_signature(act_cache), tensor_signature(packed),
+            activation, gated, block_size, cfg,
+        )  # fmt: skip
+    plan = _UP_PLANS.get(signature)
+    if plan is None:
+        plan = _UP_PLANS.put(signature, _up_plan(x, w1, b1, indices, act_cache, packed, activation, gated,
+                                                 block_size, cfg))
+    grid, ints, constexprs = plan
+    _launch_up_kernel(
+        grid, (x, w1, b1 if b1 is not None else w1, indices, act_cache, packed, *ints),  # b1 unread without HAS_BIAS
+        constexprs, signature=signature, num_warps=cfg.up_warps, num_stages=cfg.up_stages,
+    )  # fmt: skip
+
+
+def _up_plan(x, w1, b1, indices, act_cache, packed, activation, gated, block_size, cfg) -> _LaunchPlan:
+    """(grid, integer arguments, constexprs) of mm1."""
     bsz, seq, din = x.shape
     units, k, k_pad = act_cache.shape[1], indices.shape[2], packed.shape[2]
     bm = _row_tile(cfg.up_bm, block_size)
     upcast, precision = _precision(x)
     n_rows, n_tiles = triton.cdiv(seq, bm), k_pad // cfg.up_bn
     grid = (bsz * n_rows, n_tiles) if cfg.rows_fastest else (n_tiles, bsz * n_rows)
-    _column_sparse_mlp_up_kernel[grid](
-        x, w1, b1 if b1 is not None else w1, indices, act_cache, packed,  # b1 unread without HAS_BIAS
+    ints = (
         seq, din, units, k, n_rows,
         x.stride(0), x.stride(1), x.stride(2),
         w1.stride(0), w1.stride(1),
         indices.stride(0), indices.stride(1),
         act_cache.stride(0), act_cache.stride(1),
         packed.stride(0), packed.stride(1),
+    )  # fmt: skip
+    constexprs = dict(
         BLOCK_SIZE=block_size, BM=bm, BN=cfg.up_bn, BK=cfg.up_bk,
         ACT=_ACT_CODE[activation], GATED=gated, HAS_BIAS=b1 is not None, EVEN_K=din % cfg.up_bk == 0,
         UPCAST=upcast, PRECISION=precision, ROWS_FASTEST=cfg.rows_fastest,
-        num_warps=cfg.up_warps, num_stages=cfg.up_stages,
+    )  # fmt: skip
+    return grid, ints, constexprs
+
+
+def _launch_down(packed, w2, indices, out_cache, block_size, cfg, signature=None) -> None:
+    """mm2: ``out_cache[rows] += P[rows] @ W2[:, S_m]ᵀ``. ``signature`` as in :func:`_launch_up`."""
+    if signature is None:
+        signature = (
+            tensor_signature(packed), tensor_signature(w2), tensor_signature(indices), tensor_signature(out_cache),
+            block_size, cfg,
+        )  # fmt: skip
+    plan = _DOWN_PLANS.get(signature)
+    if plan is None:
+        plan = _DOWN_PLANS.put(signature, _down_plan(packed, w2, indices, out_cache, block_size, cfg))
+    grid, ints, constexprs = plan
+    _launch_down_kernel(
+        grid, (packed, w2, indices, out_cache, *ints), constexprs,
+        signature=signature, num_warps=cfg.down_warps, num_stages=cfg.down_stages,
     )
 
 
-def _launch_down(packed, w2, indices, out_cache, block_size, cfg) -> None:
-    """mm2: ``out_cache[rows] += P[rows] @ W2[:, S_m]ᵀ``."""
+def _down_plan(packed, w2, indices, out_cache, block_size, cfg) -> _LaunchPlan:
+    """(grid, integer arguments, constexprs) of mm2."""
     bsz, seq, k_pad = packed.shape
     dout, k = w2.shape[0], indices.shape[2]
     bm = _row_tile(cfg.down_bm, block_size)
     upcast, precision = _precision(packed)
     n_rows, n_tiles = triton.cdiv(seq, bm), triton.cdiv(dout, cfg.down_bn)
     grid = (bsz * n_rows, n_tiles) if cfg.rows_fastest else (n_tiles, bsz * n_rows)
-    _column_sparse_mlp_down_kernel[grid](
-        packed, w2, indices, out_cache,
+    ints = (
         seq, dout, k, k_pad, n_rows,
         packed.stride(0), packed.stride(1),
         w2.stride(0), w2.stride(1),
         indices.stride(0), indices.stride(1),
         out_cache.stride(0), out_cache.stride(1),
+    )  # fmt: skip
+    constexprs = dict(
         BLOCK_SIZE=block_size, BM=bm, BN=cfg.down_bn, BK=cfg.down_bk,
         EVEN_N=dout % cfg.down_bn == 0, UPCAST=upcast, PRECISION=precision, ROWS_FASTEST=cfg.rows_fastest,
-        num_warps=cfg.down_warps, num_stages=cfg.down_stages,
-    )
+    )  # fmt: skip
+    return grid, ints, constexprs
 
 
 def _activation_fn(activation: str):

@@ -29,6 +29,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from chipmunk_compile.kernels._launch import CachedLauncher, PlanCache
 
 __all__ = ["MAX_COLUMNS", "default_num_warps", "select_columns_ref", "select_topk_random", "supports"]
 
@@ -182,13 +183,21 @@ def select_topk_random(
     if rows == 0:
         return out
     seed &= _SEED_MASK
-    block = _row_block(n)
-    _select_topk_random_kernel[(rows,)](
-        scores, out, n, k_top, n_rand, seed & 0x7FFFFFFF, seed >> 31,
-        BLOCK=block, HAS_RAND=n_rand > 0,
-        num_warps=num_warps or min(32, max(4, block // 1024)),
-    )
+    sig = (n, k_top, n_rand, num_warps)
+    plan = _PLANS.get(sig)
+    if plan is None:
+        block = _row_block(n)
+        plan = _PLANS.put(sig, (dict(BLOCK=block, HAS_RAND=n_rand > 0), num_warps or min(32, max(4, block // 1024))))
+    # N, K_TOP and N_RAND are in the signature; the seed halves are 31-bit and not specialized on.
+    _launch_kernel(
+        (rows,), (scores, out, n, k_top, n_rand, seed & 0x7FFFFFFF, seed >> 31), plan[0],
+        signature=sig, num_warps=plan[1],
+    )  # fmt: skip
     return out
+
+
+_PLANS = PlanCache()  # (N, k_top, n_rand, num_warps) -> (constexprs, num_warps)
+_launch_kernel = CachedLauncher(_select_topk_random_kernel)
 
 
 def _fmix32_ref(h: torch.Tensor) -> torch.Tensor:
