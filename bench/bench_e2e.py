@@ -384,7 +384,9 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(BUILDERS), default="flux")
-    p.add_argument("--frames", type=int, default=9, help="video frames (hunyuan)")
+    p.add_argument("--frames", type=int, default=9, help="video frames (hunyuan, wan)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: 768 for flux, 720 for video models)")
+    p.add_argument("--width", type=int, default=1280)
     p.add_argument("--size", choices=["real", "tiny"], default="real")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=1)
@@ -400,7 +402,9 @@ def main(argv=None) -> None:
     p.add_argument("--backends", default="inductor,chipmunk", help="comma list; speedups need both")
     args = p.parse_args(argv)
     overrides = tuple((k, json.loads(v)) for k, v in (s.split("=", 1) for s in args.set))
-    cfg = E2EConfig(model=args.model, size=args.size, steps=args.steps, regional=not args.full_graph_compile,
+    height = args.height or (768 if args.model == "flux" else 720)
+    cfg = E2EConfig(model=args.model, size=args.size, height=height, width=args.width, steps=args.steps,
+                    regional=not args.full_graph_compile,
                     repeats=args.repeats, preset=args.preset or args.model, overrides=overrides, frames=args.frames,
                     profile_dir=args.out if args.profile else "", mode=args.mode, timed_steps=args.timed_steps,
                     profile_steps=tuple(int(x) for x in args.profile_steps.split(",")),
@@ -429,14 +433,14 @@ def main(argv=None) -> None:
     with path.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["card", "torch", "triton", "git_sha", "date", "model", "size", "frames", "steps", "regional",
-                        "preset", "overrides", "mode", "backend", "seconds_per_generation", "speedup_vs_inductor",
-                        "compile_s",
-                        "first_generation_s", "peak_gb", "recompiles_after_warmup", "rel_l2_vs_inductor",
-                        "step_ms_median_dense_steps", "step_ms_median_all", "predicted_from_steps"])
+            w.writerow(["card", "torch", "triton", "git_sha", "date", "model", "size", "height", "width", "frames",
+                        "steps", "regional", "preset", "overrides", "mode", "backend", "seconds_per_generation",
+                        "speedup_vs_inductor", "compile_s", "first_generation_s", "peak_gb", "recompiles_after_warmup",
+                        "rel_l2_vs_inductor", "step_ms_median_dense_steps", "step_ms_median_all",
+                        "predicted_from_steps"])
         for name, r in results.items():
             w.writerow([card, torch.__version__, triton_version(), git_sha(), date, cfg.model, cfg.size,
-                        cfg.frames if cfg.model != "flux" else "", cfg.steps,
+                        cfg.height, cfg.width, cfg.frames if cfg.model != "flux" else "", cfg.steps,
                         cfg.regional, cfg.preset if name == "chipmunk" else "", dict(cfg.overrides),
                         cfg.mode or "default", name,
                         f"{r.seconds_per_generation:.4f}",
