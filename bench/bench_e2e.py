@@ -217,8 +217,11 @@ BUILDERS = {"flux": build_flux, "hunyuan": build_hunyuan, "wan": build_wan}
 
 
 def generate(model, call, latent_shape, steps, device, dtype, step_times: list[float] | None = None,
-             profile: tuple[int, str, str] | None = None, max_steps: int | None = None):
-    """One generation. ``profile=(step, path_prefix, how)`` profiles that step (see :func:`_profile_step`)."""
+             profile: tuple[int, str, str] | None = None, max_steps: int | None = None, graphs: bool = False):
+    """One generation. ``profile=(step, path_prefix, how)`` profiles that step (see :func:`_profile_step`).
+
+    ``graphs``: CUDA-graph mode; each model call starts a new cudagraph-trees step.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
@@ -230,6 +233,8 @@ def generate(model, call, latent_shape, steps, device, dtype, step_times: list[f
         for i, t in enumerate(sched.timesteps):
             if max_steps is not None and i >= max_steps:
                 break
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             if profile is not None and i == profile[0]:
                 v = _profile_step(functools.partial(call, model, latents, t), *profile[1:])
                 latents = sched.step(v, t, latents).prev_sample
@@ -336,12 +341,13 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
     else:
         compiled = torch.compile(model, backend=backend, **kwargs)
     limit = cfg.timed_steps or None
+    graphs = device.type == "cuda" and "reduce-overhead" in cfg.mode
     # Warm-up (compiles): the whole loop, or with --timed-steps the timed steps (every step kind must have
     # run once); Inductor's steps are all alike, so one step warms it up.
     warm_steps = 1 if limit and name == "inductor" else limit
     _sync(device)
     t0 = time.perf_counter()
-    generate(compiled, call, shape, cfg.steps, device, dtype, max_steps=warm_steps)
+    generate(compiled, call, shape, cfg.steps, device, dtype, max_steps=warm_steps, graphs=graphs)
     _sync(device)
     first = time.perf_counter() - t0
     graphs = counters["stats"]["unique_graphs"]
@@ -353,14 +359,14 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
         t0 = time.perf_counter()
         # per-step device events on the last timed generation (recorded without syncs)
         with gc_timer(gc_ms):
-            out = generate(compiled, call, shape, cfg.steps, device, dtype,
+            out = generate(compiled, call, shape, cfg.steps, device, dtype, graphs=graphs,
                            step_times=steps_ms if r == cfg.repeats - 1 else None, max_steps=limit)
         _sync(device)
         times.append(time.perf_counter() - t0)
     if cfg.profile_dir and device.type == "cuda":
         for step in cfg.profile_steps:  # FLUX: 2 reuses the MLP selection, 3 reselects
             for how in ("host", "python", "torch"):
-                generate(compiled, call, shape, cfg.steps, device, dtype, max_steps=step + 1,
+                generate(compiled, call, shape, cfg.steps, device, dtype, max_steps=step + 1, graphs=graphs,
                          profile=(step, f"{cfg.profile_dir}/profile_{cfg.model}_{name}_step{step}", how))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     sec = statistics.median(times)
