@@ -117,22 +117,41 @@ def run_attention(
     text_start: int,
     text_len: int,
 ) -> torch.Tensor:
-    """One call of an attention site. Shapes: q (B, H, S, D); k, v (B, Hkv, S, D); returns (B, H, S, Dv)."""
-    cfg: AttentionConfig = ctx.state.config.attention
-    info = ctx.info
+    """One call of an attention site. Shapes: q (B, H, S, D); k, v (B, Hkv, S, D); returns (B, H, S, Dv).
+
+    A Triton kernel that fails (compile or launch, e.g. a tile that does not fit the card's shared memory) is
+    logged and the site runs the PyTorch references for those shapes from then on: never a crash mid-loop.
+    """
     b, h, s, d = q.shape
     sk, dv = k.shape[2], v.shape[-1]
-    scale_f = float(scale) if scale is not None else d**-0.5
     stats = site.stats
     stats.calls += 1
     stats.dense_flops = attention_flops(b, h, s, sk, d, dv)
     signature = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device,
                  None if attn_mask is None else attn_mask.shape)
     checks = site.launch_check(signature, lambda: _use_triton(q, k, v, ctx.state.config.use_triton))
-    why_not = checks[0]
-    triton = why_not is None
-    stats.backend = "triton" if triton else f"pytorch ({why_not})"
+    if checks[0] is not None:
+        stats.backend = f"pytorch ({checks[0]})"
+        return _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start, text_len, False, checks)
+    stats.backend = "triton"
+    try:
+        return _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start, text_len, True, checks)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Triton compile/launch errors (e.g. out of shared memory) share no base
+        checks[0] = site.triton_failed(err)
+        return _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start, text_len, False, checks)
 
+
+def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start, text_len, triton: bool,
+                    checks: list) -> torch.Tensor:
+    """The body of :func:`run_attention` on one path (Triton kernels, or their PyTorch references)."""
+    cfg: AttentionConfig = ctx.state.config.attention
+    info = ctx.info
+    b, h, s, d = q.shape
+    sk = k.shape[2]
+    scale_f = float(scale) if scale is not None else d**-0.5
+    stats = site.stats
     if site.ordinal < cfg.first_dense_layers:
         stats.dense_calls += 1
         stats.record("dense (first layers)", fixed_flops=stats.dense_flops, kept_flops=0, counts=None,

@@ -187,10 +187,19 @@ def run_mlp(
         w2t = site.weight_copies.get("w2t")
         if w2t is None or w2t.device != w2.device or w2t.shape != (w2_width, dout):
             w2t = site.weight_copies["w2t"] = w2s.t().contiguous()
-        mlp_kernels.column_sparse_mlp_delta(
-            x3, w1, b1, w2t.t(), entry.indices, entry.act, entry.out,
-            activation=activation, gated=gated, block_size=cfg.block, validate=not checks[1],
-        )
+        try:
+            mlp_kernels.column_sparse_mlp_delta(
+                x3, w1, b1, w2t.t(), entry.indices, entry.act, entry.out,
+                activation=activation, gated=gated, block_size=cfg.block, validate=not checks[1],
+            )
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - Triton compile/launch errors share no base class
+            # The caches may be half-updated: drop them, and let this call recompute densely on PyTorch.
+            checks[0] = site.triton_failed(err)
+            site.caches.pop(info.stream, None)
+            stats.calls -= 1
+            return run_mlp(ctx, site, x, w1, b1, w2, b2, activation, gated, w2_offset, w2_width)
         checks[1] = True
     else:
         mlp_kernels.column_sparse_mlp_delta_ref(x3, w1, b1, w2s, entry.indices, entry.act, entry.out,

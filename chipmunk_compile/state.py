@@ -195,6 +195,16 @@ class SiteState:
             checks = self.launch_checks[signature] = [decide(), False]
         return checks
 
+    def triton_failed(self, err: Exception) -> str:
+        """Log that a Triton kernel of this site failed (compile or launch); the reason the site now runs its
+        PyTorch path for the failing call signature (the caller stores it in the signature's launch check)."""
+        first = str(err).splitlines()[0] if str(err) else ""
+        reason = f"Triton kernel failed: {type(err).__name__}: {first}"[:160]
+        log.warning("chipmunk: %s site %d: %s; it runs the PyTorch path for these shapes from now on",
+                    self.kind, self.ordinal, reason)
+        self.stats.backend = f"pytorch ({reason})"
+        return reason
+
     def cache(self, stream: int, generation: int) -> Any:
         """The cache of ``stream`` if it was made in ``generation``, else None."""
         entry = self.caches.get(stream)

@@ -71,7 +71,7 @@ class ColsumConfig:
     dense_pass: str = "auto"  # pass 1: "triton", "cudnn", or "auto" (cuDNN where it applies, else Triton)
 
 
-def _pick_config(head_dim: int, group_size: int) -> ColsumConfig:
+def _pick_config(head_dim: int, group_size: int, dtype: torch.dtype = torch.bfloat16) -> ColsumConfig:
     # From the sweeps in bench/bench_attention.py (H200, S=4352 and 32k, bf16, D=128). Pass 2: 128 keys x
     # 128 queries per step with 2 stages (96 KB of shared memory, so two programs per SM overlap one's MMAs
     # with the other's exponentials) ran 15.6 ms at S=32k against 19.6 ms with 3 stages (one program per
@@ -82,6 +82,11 @@ def _pick_config(head_dim: int, group_size: int) -> ColsumConfig:
         cfg = ColsumConfig(colsum_block_n=256, colsum_block_m=64, colsum_warps=8, colsum_stages=3)
     if head_dim == 64:
         cfg = replace(cfg, fwd_block_n=64, fwd_stages=4)
+    if dtype == torch.float32:
+        # fp32 tiles take twice the shared memory: the bf16 tiles at D=128 (a 128-query block plus 3 stages of
+        # 128-key K/V blocks) do not fit a Hopper SM in fp32 (a GPU test failed there). Half-size tiles.
+        cfg = replace(cfg, fwd_block_m=64, fwd_block_n=32, fwd_warps=4, fwd_stages=2,
+                      colsum_block_n=64, colsum_block_m=64, colsum_warps=4, colsum_stages=2)
     return cfg
 
 
@@ -393,7 +398,7 @@ def _plan(q, k, v, group_size, key_bias, config) -> _Plan:
     Hkv, Sk = k.shape[1], k.shape[2]
     if key_bias is not None:
         _check_key_bias(key_bias, B, Hq, Sk, q.device, "attention_with_colsum")
-    cfg = config or _pick_config(D, group_size)
+    cfg = config or _pick_config(D, group_size, q.dtype)
     if group_size % cfg.colsum_block_m != 0:
         raise ValueError(
             f"attention_with_colsum: colsum_block_m={cfg.colsum_block_m} must divide group_size={group_size}"

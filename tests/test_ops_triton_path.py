@@ -92,3 +92,55 @@ def test_selection_in_head_chunks_matches_whole(monkeypatch, triton):
     assert (idx[used] < 140).all()  # masked keys are never chosen
     forced = torch.stack([(idx == t) & used for t in range(130, 140)], -1).any(-2)
     assert forced.all()  # every valid text key is kept by every group
+
+
+def _failing_after(calls_ok: int, real):
+    """``real`` for the first ``calls_ok`` calls, then a Triton-style compile failure."""
+    count = [0]
+
+    def fn(*args, **kwargs):
+        count[0] += 1
+        if count[0] > calls_ok:
+            if "act_cache" in real.__code__.co_varnames:  # half-update the MLP caches first, as a launch might
+                args[5].add_(1.0)
+            raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+        return real(*args, **kwargs)
+
+    return fn
+
+
+@pytest.mark.parametrize("kind", ["attention", "mlp"])
+def test_failing_kernel_falls_back_to_pytorch_with_a_reason(monkeypatch, caplog, kind):
+    """A Triton kernel that fails mid-loop (e.g. out of shared memory on some card) is logged and the site runs
+    its PyTorch path from then on. Attention: every output equals the all-PyTorch run. MLP: the failed launch
+    may have half-updated the caches, so that call recomputes densely (exact) and re-caches."""
+    torch.manual_seed(0)
+    if kind == "attention":
+        q, k, v = (torch.randn(1, 2, 70, 64) for _ in range(3))
+        w = torch.randn(4, 4)
+        steps = [(q + 0.05 * i * torch.randn_like(q), k, v, None, w, 1, None, False, 0, 0) for i in range(4)]
+        op, module = torch.ops.chipmunk.attention.default, sparse_attention
+        target, name = sparse_attention.csa_kernels, "column_sparse_attention"
+    else:
+        w1, b1, w2 = torch.randn(32, 16) / 4, torch.randn(32) / 4, torch.randn(16, 32) / 4
+        x = torch.randn(1, 70, 16)
+        steps = [(x + 0.1 * i * torch.randn_like(x), w1, b1, w2, None, 3, "gelu_tanh", False, 0, 32)
+                 for i in range(4)]
+        op, module = torch.ops.chipmunk.mlp.default, sparse_mlp
+        target, name = sparse_mlp.mlp_kernels, "column_sparse_mlp_delta"
+    ref, _ = _run(op, False, monkeypatch, module, steps)
+    monkeypatch.setattr(target, name, _failing_after(1, getattr(target, name)))
+    with caplog.at_level("WARNING", logger="chipmunk_compile"):
+        got, state = _run(op, True, monkeypatch, module, steps)
+    (site,) = state.sites
+    if kind == "attention":
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    else:  # steps: 0 dense, 1 sparse (kernel ok), 2 kernel fails -> dense, 3 sparse on PyTorch
+        torch.testing.assert_close(got[1], ref[1], atol=1e-4, rtol=1e-4)
+        xs, w1, b1, w2 = steps[2][0], steps[2][1], steps[2][2], steps[2][3]
+        exact = torch.nn.functional.linear(torch.nn.functional.gelu(xs @ w1.t() + b1, approximate="tanh"), w2)
+        torch.testing.assert_close(got[2], exact, atol=1e-5, rtol=1e-5)
+        assert site.stats.dense_calls == 2 and site.stats.sparse_calls == 2
+    assert "pytorch (Triton kernel failed: RuntimeError: out of resource" in site.stats.backend
+    assert sum("runs the PyTorch path" in r.getMessage() for r in caplog.records) == 1
