@@ -11,9 +11,38 @@ early.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+
+# Host memory left free when pinning cache buffers (pinned pages cannot be swapped: running the host out of
+# memory would get the process killed rather than raise).
+HOST_RESERVE_BYTES = 8 << 30
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (unknown: no check)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(nbytes: int, available: int | None, offloaded: int) -> None:
+    """Raise a clear error instead of pinning ``nbytes`` more host memory than the host can spare."""
+    if available is None or nbytes + HOST_RESERVE_BYTES <= available:
+        return
+    raise torch.OutOfMemoryError(
+        f"chipmunk: the attention caches do not fit: the GPU is full and pinning {nbytes / 2**30:.1f} GB more "
+        f"host memory (after {offloaded / 2**30:.1f} GB already offloaded) would leave less than "
+        f"{HOST_RESERVE_BYTES / 2**30:.0f} GB of the host's {available / 2**30:.1f} GB available. Lower the "
+        "resolution or frame count or attention.keep (the key indices take about as much as the cache), "
+        "or use a GPU with more memory."
+    )
 
 
 class CacheOffloader:
@@ -40,6 +69,8 @@ class CacheOffloader:
         """Copy ``tensors`` (GPU) into this key's pinned buffers; the GPU tensors may be dropped after."""
         host = self._host.get(key)
         if host is None or any(host[n].shape != t.shape or host[n].dtype != t.dtype for n, t in tensors.items()):
+            check_host_memory(sum(t.numel() * t.element_size() for t in tensors.values()), host_available_bytes(),
+                              self.bytes_offloaded)
             host = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in tensors.items()}
             self._host[key] = host
             self.bytes_offloaded += sum(t.numel() * t.element_size() for t in tensors.values())

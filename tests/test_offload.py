@@ -41,3 +41,16 @@ def test_offload_is_a_no_op_without_cuda():
     rows = [r for r in report.by_kind("attention", "rewritten") if r.sparse_calls]
     assert rows and all(r.cache_location == "cpu" for r in rows)
     assert "pinned" not in str(report)
+
+
+def test_host_memory_check_raises_a_clear_error():
+    """Offloading more than the host can spare raises OutOfMemoryError with advice (pinned pages would
+    otherwise run the host out of memory and get the process killed)."""
+    from chipmunk_compile.offload import HOST_RESERVE_BYTES, check_host_memory, host_available_bytes
+
+    check_host_memory(1 << 30, None, 0)  # unknown host memory: no check
+    check_host_memory(1 << 30, HOST_RESERVE_BYTES + (2 << 30), 0)
+    with pytest.raises(torch.OutOfMemoryError, match="attention caches do not fit.*attention.keep"):
+        check_host_memory(4 << 30, HOST_RESERVE_BYTES + (2 << 30), 50 << 30)
+    available = host_available_bytes()
+    assert available is None or available > 0
