@@ -36,6 +36,8 @@ selections, bench/results/mlp_h200_2026-11-27.csv): 2.9× / 2.1× / 1.9× / 1.4�
 of units kept, 4.9× at 10%; mm1 0.22 ms + mm2 0.26 ms at 30%. Sharing one selection among 256 or 512
 tokens changes nothing measurable: with the row-tile-fastest grid, gathered weights already come
 from DRAM about once, so the kernels are bound by tile efficiency (~410-450 TFLOP/s), not by DRAM.
+H100 (bench/results/mlp_NVIDIA-H100_2026-11-27.csv, same shape, dense 1.01 ms): 2.7× / 2.0× / 1.8× / 1.35×
+at 20% / 30% / 35% / 50%, 4.6-4.8× at 10%.
 
 Rounding points (the reference defines them): matmuls accumulate in fp32; bias and activation in fp32;
 the new activation is rounded once to the cache dtype; the delta is computed in fp32 from the rounded
