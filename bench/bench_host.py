@@ -7,6 +7,10 @@ architecture a chipmunk step enqueues 133 op calls, so every 100 µs per call is
 the host time per call (``time.perf_counter`` around 200 calls without a sync, after a warm-up and a sync),
 from the whole ``torch.ops.chipmunk.*`` call down to the bare kernel launches, so the differences say
 where the time goes. Prints a table; no CSV (these are diagnostics, not results).
+
+Default shapes are small (S=512) so that no row waits for the GPU: at FLUX shapes (``--flux``) a loop of
+kernels that take longer on the GPU than to enqueue reads the GPU time, not the host time (the first H100
+run, bench/results/host_NVIDIA-H100_2026-11-27.txt, was made that way).
 """
 
 from __future__ import annotations
@@ -39,10 +43,15 @@ def host_us(fn) -> float:
     return (t1 - t0) / CALLS * 1e6
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--flux", action="store_true", help="FLUX shapes (rows may read GPU time, see above)")
+    args = p.parse_args(argv)
     dev, dt = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
-    s, din, f, h, d = 4608, 3072, 12288, 24, 128
+    s, din, f, h, d = (4608, 3072, 12288, 24, 128) if args.flux else (512, 256, 1024, 2, 128)
     x = torch.randn(1, s, din, device=dev, dtype=dt)
     w1 = torch.randn(f, din, device=dev, dtype=dt) / din**0.5
     b1 = torch.zeros(f, device=dev, dtype=dt)
@@ -100,7 +109,7 @@ def main() -> None:
             validate=False)),
         ("custom_op no-op dispatch", lambda: torch.ops.chipmunk_bench.noop.default(x)),
         ("torch.library.Library no-op dispatch", lambda: torch.ops.chipmunk_bench2.noop.default(x)),
-        ("torch.empty (4608, 3072)", lambda: torch.empty_like(x)),
+        (f"torch.empty ({s}, {din})", lambda: torch.empty_like(x)),
         ("activate + deactivate context", lambda: in_step(2, lambda: None)),
     ]
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
