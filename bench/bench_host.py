@@ -1,4 +1,4 @@
-"""Host time of one sparse-step op call, split into its layers, at FLUX shapes on CUDA.
+"""Host time of one sparse-step op call, split into its layers, on CUDA.
 
     python bench/bench_host.py
 
