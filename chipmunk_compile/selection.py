@@ -74,7 +74,7 @@ def select_columns(
 
 def select_columns_fast(
     scores: torch.Tensor, k_top: int, n_rand: int, seed: int, *, use_kernel: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """:func:`select_columns` for finite scores, with the randomness fixed by ``seed`` (no generator state).
 
     On CUDA one Triton launch (:func:`chipmunk_compile.kernels.select_columns.select_topk_random`: top part
@@ -89,7 +89,8 @@ def select_columns_fast(
         use_kernel: allow the Triton path (callers turn it off after it failed once).
 
     Returns:
-        indices: (..., k_top + n_rand) int32, ascending per row; counts: (...) int32, all k_top + n_rand.
+        indices: (..., k_top + n_rand) int32, ascending per row (all valid: no counts tensor is made, as it
+        would cost a launch on every selection step and say nothing).
     """
     if use_kernel and scores.is_cuda:
         n = scores.shape[-1]
@@ -100,9 +101,7 @@ def select_columns_fast(
             flat = flat.contiguous()
         if select_kernels.supports(flat) is None:
             idx = select_kernels.select_topk_random(flat, k_top, n_rand, seed)
-            lead = scores.shape[:-1]
-            return idx.view(*lead, k_top + n_rand), torch.full(lead, k_top + n_rand, dtype=torch.int32,
-                                                               device=scores.device)
+            return idx.view(*scores.shape[:-1], k_top + n_rand)
     generator = torch.Generator(device=scores.device)
     generator.manual_seed(seed)
-    return select_columns(scores, k_top, n_rand, generator, all_valid=True)
+    return select_columns(scores, k_top, n_rand, generator, all_valid=True)[0]

@@ -90,7 +90,7 @@ def _select_units(site: SiteState, diff: torch.Tensor, k_top: int, n_rand: int, 
     """Selected units (B, nb, k) int32; a failing selection kernel is logged once and replaced by PyTorch."""
     use_kernel = site.selection_kernel_error is None
     try:
-        return select_columns_fast(diff, k_top, n_rand, seed, use_kernel=use_kernel)[0]
+        return select_columns_fast(diff, k_top, n_rand, seed, use_kernel=use_kernel)
     except Exception as err:  # noqa: BLE001 - Triton compile/launch errors have no common base class
         if not (use_kernel and diff.is_cuda):
             raise
@@ -98,7 +98,7 @@ def _select_units(site: SiteState, diff: torch.Tensor, k_top: int, n_rand: int, 
                     type(err).__name__, err, site.ordinal)
         site.selection_kernel_error = f"{type(err).__name__}: {err}"
         site.stats.backend += " [selection: pytorch after a kernel failure]"
-        return select_columns_fast(diff, k_top, n_rand, seed, use_kernel=False)[0]
+        return select_columns_fast(diff, k_top, n_rand, seed, use_kernel=False)
 
 
 def mlp_flops(m: int, din: int, f: int, dout: int, gated: bool) -> int:
