@@ -15,9 +15,8 @@ run, bench/results/host_NVIDIA-H100_2026-11-27.txt, was made that way).
 
 from __future__ import annotations
 
-import time
-
 import torch
+from _harness import host_us  # noqa: E402  (bench/ is the script's directory)
 from chipmunk_compile.kernels import column_sparse_attention as csa
 from chipmunk_compile.kernels import column_sparse_mlp as csm
 
@@ -25,22 +24,10 @@ import chipmunk_compile  # noqa: F401  (registers the ops)
 from chipmunk_compile import ChipmunkConfig, sparse_attention, sparse_mlp
 from chipmunk_compile.state import CallContext, ModelState, StepInfo, activate, deactivate
 
-CALLS = 200
 CFG = ChipmunkConfig().with_overrides({
     "attention.first_dense_layers": 0, "attention.first_dense_steps": 1, "attention.dense_every": 0,
     "mlp.first_dense_layers": 0, "mlp.first_dense_steps": 1, "mlp.dense_every": 0, "mlp.selection_every": 1000,
 })
-
-
-def host_us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(CALLS):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / CALLS * 1e6
 
 
 def main(argv=None) -> None:
@@ -114,7 +101,7 @@ def main(argv=None) -> None:
     ]
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}")
     for name, fn in rows:
-        print(f"{name:52s} {host_us(fn):8.1f} us")
+        print(f"{name:52s} {host_us(fn, 200):8.1f} us")
 
 
 if __name__ == "__main__":

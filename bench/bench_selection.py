@@ -11,9 +11,8 @@ denoising loop pays per selection). Before timing, the kernel's output is checke
 
 from __future__ import annotations
 
-import time
-
 import torch
+from _harness import host_us  # noqa: E402  (bench/ is the script's directory)
 from chipmunk_compile.kernels.select_columns import default_num_warps, select_columns_ref, select_topk_random
 from triton.testing import do_bench
 
@@ -23,19 +22,6 @@ CASES = {
     "mlp (1,34,12288)": ((1, 34, 12288), 0.3, 0.05),
     "attention (1,24,34,4352)": ((1, 24, 34, 4352), 672 / 4352, 0.0),
 }
-HOST_CALLS = 100
-
-
-def host_us(fn) -> float:
-    """Host time per call in µs: 100 calls without a sync (after a warm-up call and a sync)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(HOST_CALLS):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / HOST_CALLS * 1e6
 
 
 def check_kernel(scores: torch.Tensor, k_top: int, n_rand: int) -> None:
