@@ -36,16 +36,21 @@ def _run(op, triton: bool, monkeypatch, module, steps):
     return outs, state
 
 
+def _triton_matches_reference(op, module, steps, monkeypatch) -> ModelState:
+    """Runs ``steps`` through ``op`` on both branches; asserts equal outputs; returns the Triton run's state."""
+    ref, _ = _run(op, False, monkeypatch, module, steps)
+    got, state = _run(op, True, monkeypatch, module, steps)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    return state
+
+
 def test_attention_triton_branch_matches_reference(monkeypatch):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 70, 64) for _ in range(3))
     w = torch.randn(4, 4)
     steps = [(q + 0.05 * i * torch.randn_like(q), k, v, None, w, 1, None, False, 0, 0) for i in range(3)]
-    op = torch.ops.chipmunk.attention.default
-    ref, _ = _run(op, False, monkeypatch, sparse_attention, steps)
-    got, state = _run(op, True, monkeypatch, sparse_attention, steps)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    state = _triton_matches_reference(torch.ops.chipmunk.attention.default, sparse_attention, steps, monkeypatch)
     (site,) = state.sites
     assert site.stats.sparse_calls == 2 and site.stats.backend == "triton"
 
@@ -60,11 +65,7 @@ def test_mlp_triton_branch_matches_reference(monkeypatch, gated, concat):
     w2, off = torch.randn(dout, width) / 4, (16 if concat else 0)
     x = torch.randn(1, 70, din)
     steps = [(x + 0.1 * i * torch.randn_like(x), w1, b1, w2, None, 3, "gelu_tanh", gated, off, f) for i in range(4)]
-    op = torch.ops.chipmunk.mlp.default
-    ref, _ = _run(op, False, monkeypatch, sparse_mlp, steps)
-    got, state = _run(op, True, monkeypatch, sparse_mlp, steps)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    state = _triton_matches_reference(torch.ops.chipmunk.mlp.default, sparse_mlp, steps, monkeypatch)
     (site,) = state.sites
     assert site.stats.sparse_calls == 3 and site.weight_copies["w2t"].shape == (f, dout)
 
