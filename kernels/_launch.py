@@ -1,9 +1,9 @@
 """Low-host-overhead launches of ``@triton.jit`` kernels that are called again and again with one signature.
 
 ``kernel[grid](*args, **constexprs)`` (Triton's ``JITFunction.run``) binds and specializes every argument,
-builds a string cache key and launch metadata on each call (~40 µs of host time per launch reported on the
-H100 host),
-while a sparse denoising step enqueues 133 such calls. :class:`CachedLauncher` takes that path once per
+builds a string cache key and launch metadata on each call (tens of µs of host time per launch: ~90 µs
+per launch under cProfile in a FLUX step on the H200 host, bench/results/profiles_flux_NVIDIA-H200_session2/),
+while a sparse denoising step enqueues about 200 such launches. :class:`CachedLauncher` takes that path once per
 *key* and keeps the ``CompiledKernel`` it returns; later launches with the same key call the compiled
 kernel's launcher directly, exactly as ``JITFunction.run`` ends (Triton 3.6)::
 
