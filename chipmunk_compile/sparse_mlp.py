@@ -187,10 +187,13 @@ def run_mlp(
         w2t = site.weight_copies.get("w2t")
         if w2t is None or w2t.device != w2.device or w2t.shape != (w2_width, dout):
             w2t = site.weight_copies["w2t"] = w2s.t().contiguous()
+        # The result must not alias the cache (the graph may reuse its buffer): the down kernel writes it
+        # beside the cache update, instead of a clone afterwards.
+        out = torch.empty_like(entry.out)
         try:
             mlp_kernels.column_sparse_mlp_delta(
                 x3, w1, b1, w2t.t(), entry.indices, entry.act, entry.out,
-                activation=activation, gated=gated, block_size=cfg.block, validate=not checks[1],
+                activation=activation, gated=gated, block_size=cfg.block, validate=not checks[1], out=out,
             )
         except torch.OutOfMemoryError:
             raise
@@ -204,7 +207,7 @@ def run_mlp(
     else:
         mlp_kernels.column_sparse_mlp_delta_ref(x3, w1, b1, w2s, entry.indices, entry.act, entry.out,
                                                 activation=activation, gated=gated, block_size=cfg.block)
-    out = entry.out.clone()
+        out = entry.out.clone()
     stats.sparse_calls += 1
     kept = entry.indices.shape[-1] / f
     stats.record("sparse", fixed_flops=sel_flops, kept_flops=stats.dense_flops, counts=None, columns=f,

@@ -209,7 +209,7 @@ def _column_sparse_mlp_up_kernel(
 
 @triton.jit
 def _column_sparse_mlp_down_kernel(
-    p_ptr, w2_ptr, idx_ptr, out_ptr,
+    p_ptr, w2_ptr, idx_ptr, out_ptr, copy_ptr,
     S, DOUT, K, K_PAD, N_ROW_TILES,
     stride_pb, stride_ps,
     stride_w2d, stride_w2f,
@@ -217,6 +217,7 @@ def _column_sparse_mlp_down_kernel(
     stride_ob, stride_os,
     BLOCK_SIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     EVEN_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROWS_FASTEST: tl.constexpr,
+    HAS_COPY: tl.constexpr,
 ):
     if ROWS_FASTEST:
         pid_m = tl.program_id(0)
@@ -253,9 +254,12 @@ def _column_sparse_mlp_down_kernel(
         idx_ptrs += BK
 
     mask = row_ok[:, None] & col_ok[None, :]
-    out_ptrs = out_ptr + b * stride_ob + rows[:, None] * stride_os + cols[None, :]
-    old = tl.load(out_ptrs, mask=mask, other=0.0)
-    tl.store(out_ptrs, (old.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    offs = b * stride_ob + rows[:, None] * stride_os + cols[None, :]
+    old = tl.load(out_ptr + offs, mask=mask, other=0.0)
+    new = (old.to(tl.float32) + acc).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, new, mask=mask)
+    if HAS_COPY:  # the op's result: a second buffer (same shape and strides), so no separate clone pass
+        tl.store(copy_ptr + offs, new, mask=mask)
 
 
 def _interpreting() -> bool:
@@ -351,6 +355,7 @@ def column_sparse_mlp_delta(
     block_size: int,
     config: ColumnSparseMlpConfig | None = None,
     validate: bool = True,
+    out: torch.Tensor | None = None,
 ) -> None:
     """One cached-delta sparse MLP step, in place on ``act_cache`` and ``out_cache`` (Triton).
 
@@ -373,22 +378,33 @@ def column_sparse_mlp_delta(
         validate: check every argument. The checks, the config and the launch arguments depend only on
             shapes, strides, dtypes, devices and options, so they run once per such signature and are
             cached (``validate=False`` skips the checks for a new signature too).
+        out: optional (B, S, Dout) contiguous tensor like ``out_cache`` that also receives the updated
+            output (written by the same kernel: cheaper than cloning the cache afterwards).
     """
     sig = (
         tensor_signature(x), tensor_signature(w1), None if b1 is None else tensor_signature(b1),
         tensor_signature(w2), tensor_signature(indices), tensor_signature(act_cache), tensor_signature(out_cache),
-        activation, gated, block_size, config, validate,
+        activation, gated, block_size, config, validate, None if out is None else tensor_signature(out),
     )  # fmt: skip
     plan = _DELTA_PLANS.get(sig)
     if plan is None:
+        if validate and out is not None:
+            _check(
+                out.shape == out_cache.shape and out.dtype == out_cache.dtype and out.device == out_cache.device
+                and out.is_contiguous(),
+                f"out must be a contiguous {tuple(out_cache.shape)} {out_cache.dtype} tensor on {out_cache.device}, "
+                f"got {tuple(out.shape)} {out.dtype} on {out.device}",
+            )
         plan = _DELTA_PLANS.put(sig, _delta_plan(x, w1, b1, w2, indices, act_cache, out_cache, activation, gated,
                                                  block_size, config, validate))
     cfg, k_pad, contiguous_indices = plan
+    if out is not None and out.data_ptr() == out_cache.data_ptr():  # not a signature property: every call
+        raise ValueError("column_sparse_mlp_delta: out must be a tensor other than out_cache")
     if contiguous_indices:
         indices = indices.contiguous()
     packed = torch.empty((x.shape[0], x.shape[1], k_pad), dtype=x.dtype, device=x.device)
     _launch_up(x, w1, b1, indices, act_cache, packed, activation, gated, block_size, cfg, signature=sig)
-    _launch_down(packed, w2, indices, out_cache, block_size, cfg, signature=sig)
+    _launch_down(packed, w2, indices, out_cache, block_size, cfg, signature=sig, copy=out)
 
 
 # Host-side work that depends only on shapes, strides, dtypes and options, done once per signature: the
@@ -495,24 +511,25 @@ def _up_plan(x, w1, b1, indices, act_cache, packed, activation, gated, block_siz
     return grid, ints, constexprs
 
 
-def _launch_down(packed, w2, indices, out_cache, block_size, cfg, signature=None) -> None:
-    """mm2: ``out_cache[rows] += P[rows] @ W2[:, S_m]ᵀ``. ``signature`` as in :func:`_launch_up`."""
+def _launch_down(packed, w2, indices, out_cache, block_size, cfg, signature=None, copy=None) -> None:
+    """mm2: ``out_cache[rows] += P[rows] @ W2[:, S_m]ᵀ`` (and ``copy[rows] =`` the same when given: a
+    contiguous tensor like ``out_cache``). ``signature`` as in :func:`_launch_up` (it must cover ``copy``)."""
     if signature is None:
         signature = (
             tensor_signature(packed), tensor_signature(w2), tensor_signature(indices), tensor_signature(out_cache),
-            block_size, cfg,
+            block_size, cfg, None if copy is None else tensor_signature(copy),
         )  # fmt: skip
     plan = _DOWN_PLANS.get(signature)
     if plan is None:
-        plan = _DOWN_PLANS.put(signature, _down_plan(packed, w2, indices, out_cache, block_size, cfg))
+        plan = _DOWN_PLANS.put(signature, _down_plan(packed, w2, indices, out_cache, block_size, cfg, copy))
     grid, ints, constexprs = plan
     _launch_down_kernel(
-        grid, (packed, w2, indices, out_cache, *ints), constexprs,
+        grid, (packed, w2, indices, out_cache, out_cache if copy is None else copy, *ints), constexprs,
         signature=signature, num_warps=cfg.down_warps, num_stages=cfg.down_stages,
     )
 
 
-def _down_plan(packed, w2, indices, out_cache, block_size, cfg) -> _LaunchPlan:
+def _down_plan(packed, w2, indices, out_cache, block_size, cfg, copy) -> _LaunchPlan:
     """(grid, integer arguments, constexprs) of mm2."""
     bsz, seq, k_pad = packed.shape
     dout, k = w2.shape[0], indices.shape[2]
@@ -530,6 +547,7 @@ def _down_plan(packed, w2, indices, out_cache, block_size, cfg) -> _LaunchPlan:
     constexprs = dict(
         BLOCK_SIZE=block_size, BM=bm, BN=cfg.down_bn, BK=cfg.down_bk,
         EVEN_N=dout % cfg.down_bn == 0, UPCAST=upcast, PRECISION=precision, ROWS_FASTEST=cfg.rows_fastest,
+        HAS_COPY=copy is not None,
     )  # fmt: skip
     return grid, ints, constexprs
 

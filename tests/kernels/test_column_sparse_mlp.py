@@ -218,6 +218,26 @@ def test_kernel_matches_ref(name, dtype):
     _run_and_check(KERNEL_CASES[name], dtype)
 
 
+@pytest.mark.parametrize("name", ["base", "small_tiles_uneven"])
+def test_kernel_out_copy_equals_updated_cache(name):
+    """``out=``: the same kernel also writes the updated output there; the caches are as without it."""
+    if _INTERPRETER_BROKEN:
+        pytest.fail(_INTERPRETER_MSG)
+    case = KERNEL_CASES[name]
+    x, w1, b1, w2, idx, act, out = _make(case, torch.float32, DEVICE)
+    kw = dict(activation=case.activation, gated=case.gated, block_size=case.block, config=case.config)
+    a1, o1, a2, o2 = act.clone(), out.clone(), act.clone(), out.clone()
+    copy = torch.full_like(out, float("nan"))
+    csm.column_sparse_mlp_delta(x, w1, b1, w2, idx, a1, o1, **kw)
+    csm.column_sparse_mlp_delta(x, w1, b1, w2, idx, a2, o2, **kw, out=copy)
+    assert torch.equal(o1, o2) and torch.equal(a1, a2)
+    assert torch.equal(copy, o2)
+    with pytest.raises(ValueError, match="other than out_cache"):
+        csm.column_sparse_mlp_delta(x, w1, b1, w2, idx, a2, o2, **kw, out=o2)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        csm.column_sparse_mlp_delta(x, w1, b1, w2, idx, a2, o2, **kw, out=copy[:, :-1])
+
+
 def test_kernel_bf16_upcast_on_cpu():
     """Off CUDA the kernel upcasts bf16 dot operands (the interpreter's bf16 tl.dot is wrong)."""
     if DEVICE == "cuda":
