@@ -293,7 +293,9 @@ def _profile_step(fn, prefix: str, how: str):
             torch.cuda.synchronize()
         averages = tprof.key_averages()
         text = (averages.table(sort_by="cuda_time_total", row_limit=35) + "\n\n"
-                + averages.table(sort_by="self_cpu_time_total", row_limit=35))
+                + averages.table(sort_by="self_cpu_time_total", row_limit=35) + "\n\n"
+                + averages.table(sort_by="self_cuda_time_total", row_limit=90, max_name_column_width=110))
+        tprof.export_chrome_trace(f"{prefix}_trace.json")  # kernel timeline: gaps, overlap, order
     Path(f"{prefix}_{how}.txt").write_text(text + "\n")
     return out
 
