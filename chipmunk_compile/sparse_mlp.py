@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from chipmunk_compile.config import MlpConfig
 from chipmunk_compile.kernels import column_sparse_mlp as mlp_kernels
+from chipmunk_compile.kernels import select_units as unit_kernels
 from chipmunk_compile.selection import column_budget, select_columns_fast
 from chipmunk_compile.state import CallContext, SiteState
 
@@ -101,6 +102,31 @@ def _select_units(site: SiteState, diff: torch.Tensor, k_top: int, n_rand: int, 
         return select_columns_fast(diff, k_top, n_rand, seed, use_kernel=False)
 
 
+def _select_units_fused(
+    site: SiteState, bm: torch.Tensor, ref: torch.Tensor, gated: bool, k_top: int, n_rand: int, seed: int
+) -> torch.Tensor | None:
+    """Selected units (B, nb, k) int32 with ``ref``'s chosen units refreshed from ``bm``, in one launch.
+
+    None where the fused kernel does not run (not CUDA, unsupported inputs, or a selection kernel failed
+    at this site before: the caller takes the PyTorch path); a failing launch is logged once and disables
+    the Triton selection of this site (``ref`` is untouched: Triton raises before it launches).
+    """
+    if not bm.is_cuda or site.selection_kernel_error is not None:
+        return None
+    if unit_kernels.supports(bm, ref, gated=gated) is not None:
+        return None
+    try:
+        return unit_kernels.select_units_drift(bm, ref, k_top, n_rand, seed, gated=gated)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Triton compile/launch errors have no common base class
+        log.warning("chipmunk: the fused selection kernel failed (%s: %s); MLP site %d selects with PyTorch "
+                    "from now on", type(err).__name__, err, site.ordinal)
+        site.selection_kernel_error = f"{type(err).__name__}: {err}"
+        site.stats.backend += " [selection: pytorch after a kernel failure]"
+        return None
+
+
 def mlp_flops(m: int, din: int, f: int, dout: int, gated: bool) -> int:
     return 2 * m * din * f * (2 if gated else 1) + 2 * m * f * dout
 
@@ -170,13 +196,16 @@ def run_mlp(
     sel_flops = 0
     if entry.indices is None or info.step - entry.selected_at >= cfg.selection_every:
         bm = F.linear(block_means(x3, cfg.block).to(x3.dtype), w1, b1).float()  # (B, nb, F or 2F)
-        diff = torch.sub(bm, entry.block_mean).abs_()
-        if gated:
-            diff = diff[..., :f] + diff[..., f:]
-        idx = _select_units(site, diff, k_top, n_rand, ctx.state.next_seed())
-        ref_idx = torch.cat([idx, idx + f], dim=-1).long() if gated else idx.long()
+        seed = ctx.state.next_seed()
         # refresh the reference block means of the chosen units only (unchosen ones keep drifting)
-        entry.block_mean.scatter_(-1, ref_idx, bm.gather(-1, ref_idx))
+        idx = _select_units_fused(site, bm, entry.block_mean, gated, k_top, n_rand, seed)
+        if idx is None:
+            diff = torch.sub(bm, entry.block_mean).abs_()
+            if gated:
+                diff = diff[..., :f] + diff[..., f:]
+            idx = _select_units(site, diff, k_top, n_rand, seed)
+            ref_idx = torch.cat([idx, idx + f], dim=-1).long() if gated else idx.long()
+            entry.block_mean.scatter_(-1, ref_idx, bm.gather(-1, ref_idx))
         entry.indices, entry.selected_at = idx, info.step
         stats.selections += 1
         sel_flops = 2 * bsz * bm.shape[1] * din * w1.shape[0]

@@ -72,6 +72,21 @@ def _take_largest(keys, k):
     return above | (tied & (rank <= need))
 
 
+@triton.jit
+def _choose_columns(key, row, cols, N, K_TOP, N_RAND, seed_lo, seed_hi, HAS_RAND: tl.constexpr):
+    """Mask of one row's chosen columns: the K_TOP largest ``key`` (uint32, > 0 for the N real columns, 0 for
+    padding; ties to the lower column) plus N_RAND of the other columns by hash(seed, row, column).
+    Shared with kernels/select_units.py, which must choose exactly as this file does."""
+    chosen = _take_largest(key, K_TOP)
+    if HAS_RAND:
+        row_key = _fmix32(_fmix32(row.to(tl.uint32) * 0x9E3779B9 ^ seed_hi.to(tl.uint32)) ^ seed_lo.to(tl.uint32))
+        h = _fmix32(_fmix32(cols.to(tl.uint32) * 0x85EBCA77 + row_key))
+        # Top-bit set so every candidate is nonzero; top columns and padding get 0 (never taken).
+        rand_key = tl.where(chosen | (cols >= N), 0, (h >> 1) | 0x80000000)
+        chosen = chosen | _take_largest(rand_key, N_RAND)
+    return chosen
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _select_topk_random_kernel(
     scores_ptr, out_ptr,
@@ -88,13 +103,7 @@ def _select_topk_random_kernel(
     key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
     key = tl.where(x == 0.0, 0x80000000, key)
     key = tl.where(in_row, key, 0)
-    chosen = _take_largest(key, K_TOP)
-    if HAS_RAND:
-        row_key = _fmix32(_fmix32(row.to(tl.uint32) * 0x9E3779B9 ^ seed_hi.to(tl.uint32)) ^ seed_lo.to(tl.uint32))
-        h = _fmix32(_fmix32(cols.to(tl.uint32) * 0x85EBCA77 + row_key))
-        # Top-bit set so every candidate is nonzero; top columns and padding get 0 (never taken).
-        rand_key = tl.where(chosen | (cols >= N), 0, (h >> 1) | 0x80000000)
-        chosen = chosen | _take_largest(rand_key, N_RAND)
+    chosen = _choose_columns(key, row, cols, N, K_TOP, N_RAND, seed_lo, seed_hi, HAS_RAND)
     slot = tl.cumsum(chosen.to(tl.int32), axis=0) - 1
     tl.store(out_ptr + row.to(tl.int64) * (K_TOP + N_RAND) + slot, cols, mask=chosen)
 
