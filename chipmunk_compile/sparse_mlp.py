@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from chipmunk_compile.config import MlpConfig
 from chipmunk_compile.kernels import column_sparse_mlp as mlp_kernels
+from chipmunk_compile.kernels import mlp_dense_cache as dense_kernels
 from chipmunk_compile.kernels import select_units as unit_kernels
 from chipmunk_compile.selection import column_budget, select_columns_fast
 from chipmunk_compile.state import CallContext, SiteState
@@ -127,6 +128,29 @@ def _select_units_fused(
         return None
 
 
+def _activation_and_caches(
+    site: SiteState, h: torch.Tensor, activation: str, gated: bool, block: int, triton: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense step: from the pre-activation h (B, S, F or 2F), the activation a (B, S, F), its unit-major
+    cache (B, F, S) and h's block means (B, nb, F or 2F) fp32: one Triton pass on CUDA (the transposing copy
+    alone is slow in ATen), else PyTorch. A failing kernel is logged once; the site then uses PyTorch."""
+    if triton and site.dense_kernel_error is None and block <= 256 and dense_kernels.supports(h) is None:
+        try:
+            return dense_kernels.dense_activation_cache(h, activation=activation, gated=gated, block=block)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - Triton compile/launch errors have no common base class
+            log.warning("chipmunk: the dense-step MLP kernel failed (%s: %s); MLP site %d uses PyTorch there "
+                        "from now on", type(err).__name__, err, site.ordinal)
+            site.dense_kernel_error = f"{type(err).__name__}: {err}"
+    if gated:
+        u, g = h.chunk(2, dim=-1)
+        a = u * activate(g, activation)
+    else:
+        a = activate(h, activation)
+    return a, a.transpose(1, 2).contiguous(), block_means(h, block)
+
+
 def mlp_flops(m: int, din: int, f: int, dout: int, gated: bool) -> int:
     return 2 * m * din * f * (2 if gated else 1) + 2 * m * f * dout
 
@@ -169,25 +193,27 @@ def run_mlp(
     why_not = checks[0]
     triton = why_not is None
     stats.backend = "triton" if triton else f"pytorch ({why_not})"
+    if triton and site.selection_kernel_error is not None:
+        stats.backend += " [selection: pytorch after a kernel failure]"
+    if triton and site.dense_kernel_error is not None:
+        stats.backend += " [dense step: pytorch after a kernel failure]"
 
     entry: MlpCache | None = site.cache(info.stream, info.generation)
     if entry is not None and entry.out.shape != (bsz, s, dout):
         entry = None
     first_layers = site.ordinal < cfg.first_dense_layers
     if first_layers or entry is None or cfg.is_dense_step(info.step):
-        h, a = hidden_activation(x3, w1, b1, activation, gated)
-        out = F.linear(a, w2s, b2).contiguous()
         stats.dense_calls += 1
         if first_layers:
+            _, a = hidden_activation(x3, w1, b1, activation, gated)
+            out = F.linear(a, w2s, b2).contiguous()
             stats.record("dense (first layers)", fixed_flops=stats.dense_flops, kept_flops=0, counts=None,
                          columns=f, kept_static=1.0)
             return out.reshape(*lead, dout)
-        site.caches[info.stream] = MlpCache(
-            generation=info.generation,
-            act=a.transpose(1, 2).contiguous(),
-            out=out.clone(),
-            block_mean=block_means(h, cfg.block),
-        )
+        h = F.linear(x3, w1, b1)
+        a, act_t, means = _activation_and_caches(site, h, activation, gated, cfg.block, triton)
+        out = F.linear(a, w2s, b2).contiguous()
+        site.caches[info.stream] = MlpCache(generation=info.generation, act=act_t, out=out.clone(), block_mean=means)
         stats.record("dense+cache", fixed_flops=stats.dense_flops, kept_flops=0, counts=None, columns=f,
                      kept_static=1.0)
         return out.reshape(*lead, dout)

@@ -163,6 +163,7 @@ class SiteState:
         # signature -> (reason the Triton path cannot run, or None; whether a launch was validated).
         self.launch_checks: dict[tuple, list] = {}
         self.selection_kernel_error: str | None = None  # set when the Triton selection failed here
+        self.dense_kernel_error: str | None = None  # set when the dense-step MLP kernel failed here
         self.stats = SiteStats()
 
     @property

@@ -145,3 +145,27 @@ def test_failing_kernel_falls_back_to_pytorch_with_a_reason(monkeypatch, caplog,
         assert site.stats.dense_calls == 2 and site.stats.sparse_calls == 2
     assert "pytorch (Triton kernel failed: RuntimeError: out of resource" in site.stats.backend
     assert sum("runs the PyTorch path" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_failing_dense_step_kernel_falls_back_with_a_log(monkeypatch, caplog):
+    """The dense-step MLP kernel (activation + transposed cache + block means) failing is logged once and the
+    site fills its caches with PyTorch from then on: outputs equal the all-PyTorch run."""
+    torch.manual_seed(0)
+    w1, b1, w2 = torch.randn(32, 16) / 4, torch.randn(32) / 4, torch.randn(16, 32) / 4
+    x = torch.randn(1, 70, 16)
+    steps = [(x + 0.1 * i * torch.randn_like(x), w1, b1, w2, None, 3, "gelu_tanh", False, 0, 32) for i in range(3)]
+    op = torch.ops.chipmunk.mlp.default
+    ref, _ = _run(op, False, monkeypatch, sparse_mlp, steps)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(sparse_mlp.dense_kernels, "dense_activation_cache", boom)
+    with caplog.at_level("WARNING", logger="chipmunk_compile"):
+        got, state = _run(op, True, monkeypatch, sparse_mlp, steps)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    (site,) = state.sites
+    assert site.dense_kernel_error == "RuntimeError: out of resource: shared memory"
+    assert "[dense step: pytorch after a kernel failure]" in site.stats.backend
+    assert sum("dense-step MLP kernel failed" in r.getMessage() for r in caplog.records) == 1
