@@ -109,7 +109,8 @@ def _sweep_point(attn: float | None, mlp: float | None, family: str, suffix: str
 
 
 def _preset(name: str) -> Setting:
-    return Setting(name, "preset", (("preset", name),))
+    # mlp.min_tokens 0: the reference DiT's sequences are below the flux preset's 1024-token floor for MLPs
+    return Setting(name, "preset", (("preset", name), ("mlp.min_tokens", 0)))
 
 
 def sweep(grid: str = "full") -> list[Setting]:

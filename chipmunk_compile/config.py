@@ -84,7 +84,13 @@ class AttentionConfig(ScheduleFields):
 
 @dataclass(frozen=True)
 class MlpConfig(ScheduleFields):
-    """Column-sparse MLP: per block of ``block`` consecutive tokens, recompute the changed hidden units."""
+    """Column-sparse MLP: per block of ``block`` consecutive tokens, recompute the changed hidden units.
+
+    ``min_tokens``: MLP sites whose traced input has fewer tokens (batch × sequence) stay dense, with that
+    reason in the report (decided at compile time from the traced shape). A short sequence gives the sparse
+    kernels too few row tiles to fill the GPU, so they save no time while the site still pays its launches
+    and selections (FLUX's 512-token text MLPs; the original method leaves them dense too).
+    """
 
     enabled: bool = True
     keep: float = 0.3
@@ -92,9 +98,12 @@ class MlpConfig(ScheduleFields):
     block: int = 128
     selection_every: int = 2
     first_dense_steps: int = 1
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         self._validate_schedule("mlp")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            raise ConfigError(f"mlp.min_tokens must be an int >= 0, got {self.min_tokens!r}")
         _check_fraction("mlp.keep", self.keep, allow_zero=False)
         _check_fraction("mlp.random_keep", self.random_keep)
         if self.block not in (64, 128, 256, 512):
@@ -247,14 +256,16 @@ def _coerce(key: str, value: Any, current: Any, f: dataclasses.Field) -> Any:
 
 
 # Presets, from the configurations shipped with the paper's code (chipmunk-method.md section 7).
-# FLUX: 672 of 4352 keys (~15.4%) recomputed, set once per generation; MLP 30% + 5% random.
+# FLUX: 672 of 4352 keys (~15.4%) recomputed, set once per generation; MLP 30% + 5% random, the 512-token
+# text MLPs of the double blocks dense.
 # HunyuanVideo: 5% of keys + 1% random, dense at {0, 1, 10, 40}; MLP dense (the paper left it dense).
 # Wan 2.1: 10% of keys + 1% random, dense every 10 (plus steps 0 and 1); MLP dense.
 PRESETS: dict[str, ChipmunkConfig] = {
     "default": ChipmunkConfig(),
     "flux": ChipmunkConfig(
         attention=AttentionConfig(keep=672 / 4352, random_keep=0.0, recompute_selection=False),
-        mlp=MlpConfig(keep=0.3, random_keep=0.05, dense_every=10, first_dense_steps=1, selection_every=2),
+        mlp=MlpConfig(keep=0.3, random_keep=0.05, dense_every=10, first_dense_steps=1, selection_every=2,
+                      min_tokens=1024),
     ),
     "hunyuan": ChipmunkConfig(
         attention=AttentionConfig(keep=0.05, random_keep=0.01, dense_steps=(0, 1, 10, 40), keep_text_keys=True),

@@ -188,10 +188,26 @@ def replace_mlp(gm: fx.GraphModule, cfg: MlpConfig, plan: Plan) -> int:
             record.reason = "MLP sparsity disabled by config"
             counters["chipmunk"]["mlp_dense"] += 1
             continue
+        tokens = _tokens(xv)
+        if tokens is not None and tokens < cfg.min_tokens:
+            record.reason = f"{tokens} tokens < mlp.min_tokens={cfg.min_tokens} (too few to gain from sparsity)"
+            counters["chipmunk"]["mlp_dense"] += 1
+            continue
         erased |= _rewrite(gm, m, record.uid, f)
         record.status = "rewritten"
         counters["chipmunk"]["mlp_rewritten"] += 1
         n += 1
+    return n
+
+
+def _tokens(xv) -> int | None:
+    """Tokens (product of all but the last dim) of a traced input, from size hints; None if unknown."""
+    n = 1
+    for size in xv.shape[:-1]:
+        h = hint(size)
+        if h is None:
+            return None
+        n *= h
     return n
 
 

@@ -133,6 +133,18 @@ def test_mlp_forms_are_rewritten(mode, variant):
     assert site.status == "rewritten" and site.variant == variant
 
 
+@pytest.mark.parametrize("tokens, status", [(19, "dense"), (20, "rewritten")])
+def test_mlp_with_fewer_tokens_than_min_tokens_stays_dense(tokens, status):
+    """mlp.min_tokens counts batch × sequence of the traced input; below it the MLP stays dense with a reason."""
+    opts = {"mlp.min_tokens": 20}
+    site = _only(_compile_and_report(Mlp(), torch.randn(1, tokens, 32), options=opts), "mlp")
+    assert site.status == status
+    if status == "dense":
+        assert site.reason == "19 tokens < mlp.min_tokens=20 (too few to gain from sparsity)"
+    site = _only(_compile_and_report(Mlp(), torch.randn(2, 10, 32), options=opts), "mlp")
+    assert site.status == "rewritten"  # 2 × 10 tokens
+
+
 @pytest.mark.parametrize(
     "mode, reason", [("escape_pre", "pre-activation"), ("escape_act", "escapes the pattern")]
 )
