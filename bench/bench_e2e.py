@@ -113,6 +113,7 @@ class E2EResult:
     recompiles_after_warmup: int
     step_ms: list[float] = field(default_factory=list)
     gc_ms: float = 0.0  # Python garbage collection during the timed generations (host time)
+    resident_gb_at_start: float = 0.0  # GPU memory already allocated when this backend started (in peak_gb)
 
 
 def build_flux(cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
@@ -328,6 +329,14 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
 
     torch._dynamo.reset()
     counters.clear()
+    gc.collect()  # the previous backend's model may sit in reference cycles: its memory would count here
+    resident = 0.0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        resident = torch.cuda.memory_allocated(device) / 2**30
+        if resident > 0.5:
+            print(f"warning: {resident:.1f} GB of GPU memory still allocated before {name} starts; its peak "
+                  "includes it", flush=True)
     model, shape, call = BUILDERS[cfg.model](cfg, device, dtype)
     backend: object = name
     kwargs: dict = {"mode": cfg.mode} if cfg.mode else {}
@@ -382,8 +391,9 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
 
         report = str(chipmunk_compile.report(model))
     res = E2EResult(name, sec, first, first - sec, peak, counters["stats"]["unique_graphs"] - graphs, steps_ms,
-                    gc_ms[0] / cfg.repeats)
+                    gc_ms[0] / cfg.repeats, resident)
     del model, compiled
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res, out, report
