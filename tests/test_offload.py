@@ -54,3 +54,67 @@ def test_host_memory_check_raises_a_clear_error():
         check_host_memory(4 << 30, HOST_RESERVE_BYTES + (2 << 30), 50 << 30)
     available = host_available_bytes()
     assert available is None or available > 0
+
+
+def test_pinned_empty_registers_exact_size_and_unregisters_after_a_sync(monkeypatch):
+    """Host buffers are page-locked in place at their exact size (the caching host allocator would round
+    each up to a power of two); freeing one synchronises the device, then unregisters the range."""
+    import gc
+
+    from chipmunk_compile import offload
+
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            calls.append(("register", ptr, nbytes))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(("sync",)))
+    t = offload.pinned_empty((3, 1000), torch.bfloat16)
+    ptr = t.data_ptr()
+    assert t.shape == (3, 1000) and t.dtype == torch.bfloat16
+    assert calls == [("register", ptr, 6000)]
+    del t
+    gc.collect()
+    assert calls[1:] == [("sync",), ("unregister", ptr)]
+
+
+def test_pinned_empty_falls_back_when_registration_fails(monkeypatch):
+    from chipmunk_compile import offload
+
+    class FailingCudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            return 2  # cudaErrorMemoryAllocation
+
+    fallback = []
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        if kwargs.pop("pin_memory", False):
+            fallback.append(args)
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FailingCudart())
+    monkeypatch.setattr(torch, "empty", empty)
+    t = offload.pinned_empty((4,), torch.float32)
+    assert fallback == [((4,),)] and t.shape == (4,)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_empty_is_pinned_and_copies_asynchronously():
+    from chipmunk_compile import offload
+
+    h = offload.pinned_empty((1000, 333), torch.bfloat16)  # an odd size: no rounding to hide behind
+    assert h.is_pinned()
+    src = torch.randn(1000, 333, device="cuda", dtype=torch.bfloat16)
+    h.copy_(src, non_blocking=True)
+    back = h.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(back, src)
