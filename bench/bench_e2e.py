@@ -230,8 +230,9 @@ def generate(model, call, latent_shape, steps, device, dtype, step_times: list[f
     latents = torch.randn(latent_shape, generator=torch.Generator(device="cpu").manual_seed(0)).to(device, dtype)
     cuda = device.type == "cuda"
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    timesteps = sched.timesteps  # the loop as diffusers pipelines write it (the runner reads `i`, not `t`)
     with torch.no_grad():
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(timesteps):
             if max_steps is not None and i >= max_steps:
                 break
             if graphs:

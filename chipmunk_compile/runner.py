@@ -1,7 +1,8 @@
 """The runner: a thin callable around Inductor's compiled graph that keeps the step state.
 
 Per call it finds the model's :class:`ModelState` (attached to the model's first parameter input),
-advances its step clock from the timestep input (or by counting calls where the graph has none),
+advances its step clock from the enclosing denoising loop's index when it is called from one (no device
+sync), else from the timestep input's value (or by counting calls where the graph has none),
 activates it for the ops, and calls the compiled graph. It is plain Python that Dynamo never traces,
 so it adds no guards and causes no recompiles.
 """
@@ -122,10 +123,12 @@ class Runner:
             # Read the timestep (a device sync) once per forward, not once per region: while the same
             # tensor object is alive, its value is the one already read.
             known = state.forward_t_ref is not None and state.forward_t_ref() is t_outer
-            t_value = state.forward_t if known else _first(t_outer)
+            t_value = state.forward_t if known else _step_key(t_outer)
+            signature = (*signature, type(t_value).__name__)  # loop index and timestep value never compare
             if not known:
                 state.forward_t_ref = weakref.ref(t_outer) if isinstance(t_outer, torch.Tensor) else None
-            if state.forward_info is None or region in state.forward_seen or t_value != state.forward_t:
+            if (state.forward_info is None or region in state.forward_seen or t_value != state.forward_t
+                    or type(t_value) is not type(state.forward_t)):
                 state.forward_seen.clear()
                 state.forward_t = t_value
                 state.forward_info = state.clock.advance_timestep(t_value, signature)
@@ -137,7 +140,8 @@ class Runner:
                 return self._run(args)
             signature = self._signature(args)
             if isinstance(t, torch.Tensor) and t.numel() > 0:
-                info = state.clock.advance_timestep(_first(t), signature)
+                key = _step_key(t)
+                info = state.clock.advance_timestep(key, (*signature, type(key).__name__))
             elif isinstance(t, (int, float)):
                 info = state.clock.advance_timestep(float(t), signature)
             else:
@@ -152,6 +156,49 @@ class Runner:
 
 def _first(t: Any) -> float:
     return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+
+
+class _LoopKey(float):
+    """A step-clock key taken from a denoising loop's index (``-i``), not from a timestep value."""
+
+
+def _step_key(t: Any) -> float:
+    """The value the step clock orders calls by: minus the denoising loop's index when the caller is such a
+    loop (no device sync), else the timestep's value (a device sync: the timestep lives on the GPU). The two
+    kinds never compare: the runner puts the key's type into the clock's signature, so switching between
+    them (a warm-up call outside the loop, then the loop) starts a new generation."""
+    if isinstance(t, torch.Tensor):
+        index = _loop_index(sys._getframe(2))
+        if index is not None:
+            return _LoopKey(-index)
+    return _first(t)
+
+
+def _loop_index(frame: Any, max_depth: int = 64) -> int | None:
+    """The index ``i`` of an enclosing ``for i, t in enumerate(timesteps)`` loop, as every diffusers pipeline
+    writes its denoising loop, or None.
+
+    A frame qualifies when its locals ``i`` (int), ``t`` (one-element tensor) and ``timesteps`` (1-D tensor)
+    satisfy: ``t`` is a view of element ``i`` of ``timesteps`` (same address). Checking addresses, not values,
+    costs no device sync, so the host can run ahead of the GPU across steps. The index orders the calls of
+    one generation exactly as the timesteps do (the clock sees ``-i``: equal for the CFG calls of a step,
+    lower for later steps, higher when a new loop starts).
+    """
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        names = frame.f_code.co_varnames
+        if "timesteps" in names and "i" in names and "t" in names:
+            local = frame.f_locals
+            i, t, ts = local.get("i"), local.get("t"), local.get("timesteps")
+            if (
+                type(i) is int and isinstance(t, torch.Tensor) and isinstance(ts, torch.Tensor) and ts.dim() == 1
+                and t.numel() == 1 and 0 <= i < ts.shape[0] and t.device == ts.device
+                and t.data_ptr() == ts.data_ptr() + i * ts.stride(0) * ts.element_size()
+            ):
+                return i
+        frame = frame.f_back
+    return None
 
 
 def _enclosing_forward(max_depth: int = 48) -> tuple[torch.nn.Module, Any, tuple] | None:

@@ -35,3 +35,77 @@ def test_repeated_same_timestep_is_bounded():
     clock = StepClock(ChipmunkConfig())
     streams = [s for _, _, s in _run(clock, [500] * 10)]
     assert max(streams) < 4
+
+
+def _loop_steps(compiled, state_of, timesteps_list, cfg_calls=1, view=True):
+    """Runs diffusers-style loops ``for i, t in enumerate(timesteps)`` and returns the clock after each call."""
+    import torch
+
+    seen = []
+    x = torch.randn(1, 16, 8)
+    with torch.no_grad():
+        for timesteps in timesteps_list:
+            for i, t in enumerate(timesteps):  # noqa: B007 - `i` is what the runner reads, from this frame
+                if not view:
+                    t = t.clone()  # noqa: PLW2901 - not an element of `timesteps` any more
+                for _ in range(cfg_calls):
+                    compiled(x, timestep=t.expand(1) * 1.0)
+                    clock = state_of().clock
+                    seen.append((clock.generation, clock.step, clock.stream))
+    return seen
+
+
+def test_denoising_loop_index_drives_the_clock_without_reading_the_timestep(monkeypatch):
+    """Called from ``for i, t in enumerate(timesteps)`` the runner takes the step from ``i`` (``t`` must be
+    element ``i`` of ``timesteps`` by address): the timestep's value is never read (on a GPU a sync)."""
+    import torch
+
+    import chipmunk_compile
+    from chipmunk_compile import runner
+    from chipmunk_compile.testing import TinyDiT
+
+    model = TinyDiT(seq=16, depth=2)
+    compiled = torch.compile(model, backend="chipmunk")
+
+    def state_of():
+        (state,) = chipmunk_compile.states_of(model)
+        return state
+
+    def no_read(t):
+        raise AssertionError("the timestep value was read")
+
+    with torch.no_grad():  # a first call outside any loop: reads t
+        compiled(torch.randn(1, 16, 8), timestep=torch.tensor([999.0]))
+    assert state_of().clock.generation == 0
+    monkeypatch.setattr(runner, "_first", no_read)
+    ts = [torch.linspace(1000, 250, 4), torch.linspace(900, 100, 3)]
+    got = _loop_steps(compiled, state_of, ts, cfg_calls=2)
+    # the warm-up call (timestep value) was generation 0: the loop (index keys) starts generation 1
+    assert got == [(1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1), (1, 2, 0), (1, 2, 1), (1, 3, 0), (1, 3, 1),
+                   (2, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1), (2, 2, 0), (2, 2, 1)]
+
+
+def test_loop_without_timestep_elements_falls_back_to_the_value():
+    """``t`` that is not a view of ``timesteps[i]`` (here a copy): the runner reads the timestep value."""
+    import torch
+
+    import chipmunk_compile
+    from chipmunk_compile import runner
+    from chipmunk_compile.testing import TinyDiT
+
+    model = TinyDiT(seq=16, depth=2)
+    compiled = torch.compile(model, backend="chipmunk")
+
+    def state_of():
+        (state,) = chipmunk_compile.states_of(model)
+        return state
+
+    ts = torch.linspace(1000, 250, 4)
+    got = _loop_steps(compiled, state_of, [ts], view=False)
+    assert got == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (0, 3, 0)]
+    i = 2
+    t = ts[i]
+    timesteps = ts  # noqa: F841 - the frame local the runner looks for
+    assert runner._loop_index(__import__("sys")._getframe()) == 2
+    t = ts[1]  # noqa: F841
+    assert runner._loop_index(__import__("sys")._getframe()) is None  # t is element 1, i says 2
