@@ -1,5 +1,7 @@
 """Cost of choosing columns at real shapes, on CUDA: the PyTorch ``select_columns`` (with a breakdown) and
-the one-launch Triton ``select_topk_random``, device time (median, ``do_bench``) and host time per call.
+the one-launch Triton ``select_topk_random``, device time (median, ``do_bench``) and host time per call;
+then the MLP re-selection block unfused (drift score, selection, reference refresh) against the fused
+``select_units_drift``, plain and gated.
 
     python bench/bench_selection.py
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from _harness import host_us  # noqa: E402  (bench/ is the script's directory)
+from chipmunk_compile.kernels import select_units as su
 from chipmunk_compile.kernels.select_columns import default_num_warps, select_columns_ref, select_topk_random
 from triton.testing import do_bench
 
@@ -73,11 +76,44 @@ def bench_case(shape: tuple[int, ...], keep: float, rnd: float) -> dict[str, flo
     return row
 
 
+def bench_units(gated: bool, f: int = 12288, rows: int = 34) -> dict[str, float]:
+    """The MLP re-selection at FLUX's shape: unfused ops vs the fused kernel (equal results checked first)."""
+    k_top, n_rand = column_budget(0.3, 0.05, f)
+    bm = torch.randn(1, rows, 2 * f if gated else f, device="cuda")
+    ref0 = bm + 0.1 * torch.randn_like(bm)
+    ref = ref0.clone()
+
+    def unfused():
+        diff = torch.sub(bm, ref).abs_()
+        if gated:
+            diff = diff[..., :f] + diff[..., f:]
+        idx = select_columns_fast(diff, k_top, n_rand, 7)
+        cols = torch.cat([idx, idx + f], dim=-1).long() if gated else idx.long()
+        ref.scatter_(-1, cols, bm.gather(-1, cols))
+        return idx
+
+    fused = lambda: su.select_units_drift(bm, ref, k_top, n_rand, 7, gated=gated)  # noqa: E731
+    ref.copy_(ref0)
+    a, ra = unfused(), ref.clone()
+    ref.copy_(ref0)
+    b, rb = fused(), ref.clone()
+    assert torch.equal(a, b) and torch.equal(ra, rb), "fused selection differs from the unfused ops"
+    row = {}
+    for name, fn in (("unfused", unfused), ("fused", fused)):
+        row[name] = do_bench(fn, return_mode="median") * 1e3
+        row[f"host_{name}"] = min(host_us(fn) for _ in range(5))
+    return row
+
+
 def main() -> None:
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     for name, case in CASES.items():
         row = bench_case(*case)
         print(name, " ".join(f"{k}={v:.0f}" for k, v in row.items()), "(us; host_* = host time per call)")
+    for gated in (False, True):
+        row = bench_units(gated)
+        print(f"mlp re-selection{' gated' if gated else ''} (1,34,12288)", " ".join(f"{k}={v:.1f}" for k, v in
+              row.items()), "(us; host_* = host time per call, best of 5)")
 
 
 if __name__ == "__main__":
