@@ -96,11 +96,16 @@ def _select_units(site: SiteState, diff: torch.Tensor, k_top: int, n_rand: int, 
     except Exception as err:  # noqa: BLE001 - Triton compile/launch errors have no common base class
         if not (use_kernel and diff.is_cuda):
             raise
-        log.warning("chipmunk: the selection kernel failed (%s: %s); MLP site %d selects with PyTorch from now on",
-                    type(err).__name__, err, site.ordinal)
-        site.selection_kernel_error = f"{type(err).__name__}: {err}"
-        site.stats.backend += " [selection: pytorch after a kernel failure]"
+        _selection_failed(site, "selection", err)
         return select_columns_fast(diff, k_top, n_rand, seed, use_kernel=False)
+
+
+def _selection_failed(site: SiteState, which: str, err: Exception) -> None:
+    """Log a failed selection kernel once; the site selects with PyTorch from now on (see run_mlp)."""
+    log.warning("chipmunk: the %s kernel failed (%s: %s); MLP site %d selects with PyTorch from now on",
+                which, type(err).__name__, err, site.ordinal)
+    site.selection_kernel_error = f"{type(err).__name__}: {err}"
+    site.stats.backend += " [selection: pytorch after a kernel failure]"
 
 
 def _select_units_fused(
@@ -121,10 +126,7 @@ def _select_units_fused(
     except torch.OutOfMemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - Triton compile/launch errors have no common base class
-        log.warning("chipmunk: the fused selection kernel failed (%s: %s); MLP site %d selects with PyTorch "
-                    "from now on", type(err).__name__, err, site.ordinal)
-        site.selection_kernel_error = f"{type(err).__name__}: {err}"
-        site.stats.backend += " [selection: pytorch after a kernel failure]"
+        _selection_failed(site, "fused selection", err)
         return None
 
 
