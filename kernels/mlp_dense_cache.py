@@ -17,8 +17,9 @@ its token block (BLOCK_S is the block size, so no atomics).
 
 Rounding: ``act`` in fp32 on the input value, one rounding to the dtype of ``h``, with the activation code
 of the sparse kernels (``column_sparse_mlp._activate``; tanh-GELU as ``x·sigmoid(2z)``, equal to PyTorch's
-``0.5·x·(1 + tanh(z))`` up to fp32 rounding), so a sparse step recomputing an unchanged unit gets the cached
-value back bit for bit. Gated: ``u · act(g)`` from the two fp32 values (PyTorch rounds ``act(g)`` to the
+``0.5·x·(1 + tanh(z))`` up to fp32 rounding). (``h`` here is cuBLAS's output rounded to its dtype, while the
+sparse kernel activates its fp32 accumulator: a recomputed unchanged unit matches the cache to about one
+rounding step, not bit for bit.) Gated: ``u · act(g)`` from the two fp32 values (PyTorch rounds ``act(g)`` to the
 dtype before the product: up to one rounding step apart). Means: fp32 sums in another order than
 ``torch.mean`` (a few fp32 ulps apart).
 """
