@@ -88,10 +88,10 @@ def _use_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_triton: b
     return csa_kernels.supports(q, k, v)
 
 
-def _sparse(q, k, v, indices, counts, *, scale, group, key_bias, base, sign, triton: bool, validate: bool = True):
+def _sparse(q, k, v, indices, counts, *, scale, group, key_bias, base, sign, triton: bool):
     if triton:
         return csa_kernels.column_sparse_attention(q, k, v, indices, counts, scale=scale, group_size=group,
-                                                   key_bias=key_bias, base=base, sign=sign, validate=validate)
+                                                   key_bias=key_bias, base=base, sign=sign)
     return csa_kernels.column_sparse_attention_ref(q, k, v, indices, counts, scale=scale, group_size=group,
                                                    key_bias=key_bias, base=base, sign=sign)
 
@@ -205,9 +205,8 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
     cache, indices = entry.tensors(offloader, okey)
     out = _sparse(
         q, k, v, indices, entry.counts, scale=scale_f, group=group, key_bias=key_bias,
-        base=cache, sign=1.0, triton=triton, validate=not checks[1],
+        base=cache, sign=1.0, triton=triton,
     )
-    checks[1] = True  # the same signature launched once with full validation
     if offloader is not None:
         offloader.prefetch_after(okey)
     stats.sparse_calls += 1

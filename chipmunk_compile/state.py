@@ -160,7 +160,7 @@ class SiteState:
         self.caches: dict[int, Any] = {}
         self.weight_copies: dict[str, torch.Tensor] = {}  # derived layouts of the site's weights
         # Host-side decisions that depend only on shapes/dtypes/layouts, made once per signature:
-        # signature -> (reason the Triton path cannot run, or None; whether a launch was validated).
+        # signature -> [reason the Triton path cannot run, or None].
         self.launch_checks: dict[tuple, list] = {}
         self.selection_kernel_error: str | None = None  # set when the Triton selection failed here
         self.dense_kernel_error: str | None = None  # set when the dense-step MLP kernel failed here
@@ -187,13 +187,14 @@ class SiteState:
         self._fingerprint = new
 
     def launch_check(self, signature: tuple, decide: Any) -> list:
-        """[reason the Triton path cannot run or None, validated-once flag] for a call ``signature``.
+        """[reason the Triton path cannot run, or None] for a call ``signature`` (a one-item list the caller
+        updates when a kernel fails). The kernels validate their arguments once per signature themselves.
 
         ``decide()`` runs once per signature: these host-side checks would otherwise cost time every step.
         """
         checks = self.launch_checks.get(signature)
         if checks is None:
-            checks = self.launch_checks[signature] = [decide(), False]
+            checks = self.launch_checks[signature] = [decide()]
         return checks
 
     def triton_failed(self, err: Exception) -> str:

@@ -303,7 +303,8 @@ def column_sparse_attention(
         base: optional (B, Hq, S, D), q's dtype, any strides: the result is ``base + sign * A_S``.
         sign: +1 or -1 (any float works).
         config: launch parameters (tests and benchmarks); None picks a tuned default.
-        validate: check the inputs (skip only for shapes and layouts a validated call already had).
+        validate: check the inputs. The checks depend only on the signature (shapes, strides, dtypes, devices,
+            options), so they run on its first call only; ``False`` skips them for a new signature too.
 
     Returns:
         (B, Hq, S, D) in q's dtype: a permuted view of a contiguous (B, S, Hq, D) tensor.
@@ -311,7 +312,7 @@ def column_sparse_attention(
     sig = (
         tensor_signature(q), tensor_signature(k), tensor_signature(v), tensor_signature(indices),
         tensor_signature(counts), None if key_bias is None else tensor_signature(key_bias),
-        None if base is None else tensor_signature(base), group_size, config, validate,
+        None if base is None else tensor_signature(base), group_size, config,
     )  # fmt: skip
     plan = _PLANS.get(sig)
     if plan is None:

@@ -384,7 +384,7 @@ def column_sparse_mlp_delta(
     sig = (
         tensor_signature(x), tensor_signature(w1), None if b1 is None else tensor_signature(b1),
         tensor_signature(w2), tensor_signature(indices), tensor_signature(act_cache), tensor_signature(out_cache),
-        activation, gated, block_size, config, validate, None if out is None else tensor_signature(out),
+        activation, gated, block_size, config, None if out is None else tensor_signature(out),
     )  # fmt: skip
     plan = _DELTA_PLANS.get(sig)
     if plan is None:
