@@ -153,6 +153,23 @@ def _activation_and_caches(
     return a, a.transpose(1, 2).contiguous(), block_means(h, block)
 
 
+def padded_budget(keep: float, random_keep: float, f: int, multiple: int) -> tuple[int, int]:
+    """(k_top, n_rand) of ``column_budget``, with the random part grown so that k_top + n_rand fills the
+    kernels' unit tiles (a multiple of ``multiple``) when that adds at most 10% of the units.
+
+    The kernels compute a k-unit selection in whole tiles, so the padding units would cost the same as real
+    ones: they recompute more randomly chosen units instead, as the original method pads its counts to 256
+    with extra columns. The 10% bound keeps small layers (tests, tiny models) at their configured fraction.
+    The same budget on every path (CPU references included), so the paths choose alike.
+    """
+    k_top, n_rand = column_budget(keep, random_keep, f)
+    k = k_top + n_rand
+    padded = min(f, -(-k // multiple) * multiple)
+    if padded - k <= 0.1 * f:
+        n_rand += padded - k
+    return k_top, n_rand
+
+
 def mlp_flops(m: int, din: int, f: int, dout: int, gated: bool) -> int:
     return 2 * m * din * f * (2 if gated else 1) + 2 * m * f * dout
 
@@ -220,7 +237,7 @@ def run_mlp(
                      kept_static=1.0)
         return out.reshape(*lead, dout)
 
-    k_top, n_rand = column_budget(cfg.keep, cfg.random_keep, f)
+    k_top, n_rand = padded_budget(cfg.keep, cfg.random_keep, f, mlp_kernels.unit_multiple(gated, x3.dtype))
     sel_flops = 0
     if entry.indices is None or info.step - entry.selected_at >= cfg.selection_every:
         bm = F.linear(block_means(x3, cfg.block).to(x3.dtype), w1, b1).float()  # (B, nb, F or 2F)

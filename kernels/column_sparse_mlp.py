@@ -66,6 +66,7 @@ __all__ = [
     "default_config",
     "pipeline_smem_bytes",
     "supports",
+    "unit_multiple",
 ]
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
@@ -110,6 +111,13 @@ def default_config(gated: bool, dtype: torch.dtype = torch.bfloat16) -> ColumnSp
     if dtype.itemsize >= 4:
         cfg = replace(cfg, up_bk=32, down_bk=32)
     return cfg
+
+
+def unit_multiple(gated: bool, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The default tiles' multiple of selected units: a selection of k units costs as much as one of k rounded
+    up to it (the padding columns compute zeros)."""
+    cfg = default_config(gated, dtype)
+    return max(cfg.up_bn, cfg.down_bk)
 
 
 def pipeline_smem_bytes(cfg: ColumnSparseMlpConfig, gated: bool, dtype: torch.dtype) -> tuple[int, int]:

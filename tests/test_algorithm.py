@@ -308,3 +308,19 @@ def test_failing_selection_kernel_falls_back_with_a_log(monkeypatch, caplog):
     assert site.selection_kernel_error.startswith("RuntimeError") and calls[-2:] == [True, False]
     sparse_mlp._select_units(site, diff, 8, 2, seed=2)
     assert calls[-1] is False  # not retried
+
+
+def test_mlp_budget_fills_the_kernel_tiles_with_random_units():
+    """FLUX's 30% + 5% of 12288 units is 4116 units, which the kernels compute as 4352 (17 tiles of 256):
+    the 236 padding slots become random units. Small layers keep their configured budget."""
+    from chipmunk_compile.kernels.column_sparse_mlp import unit_multiple
+    from chipmunk_compile.selection import column_budget
+    from chipmunk_compile.sparse_mlp import padded_budget
+
+    assert column_budget(0.3, 0.05, 12288) == (3686, 430)
+    assert unit_multiple(False) == 256 and unit_multiple(True) == 128
+    assert padded_budget(0.3, 0.05, 12288, 256) == (3686, 666)
+    assert padded_budget(0.3, 0.05, 12288, 128) == (3686, 538)  # 4224 = 33 x 128
+    assert padded_budget(0.3, 0.05, 256, 256) == column_budget(0.3, 0.05, 256)  # +170 units > 10% of 256
+    assert padded_budget(0.3, 0.0, 1000, 256) == column_budget(0.3, 0.0, 1000)
+    assert padded_budget(0.5, 0.0, 512, 256) == (256, 0)  # already whole tiles
