@@ -157,10 +157,11 @@ def padded_budget(keep: float, random_keep: float, f: int, multiple: int) -> tup
     """(k_top, n_rand) of ``column_budget``, with the random part grown so that k_top + n_rand fills the
     kernels' unit tiles (a multiple of ``multiple``) when that adds at most 10% of the units.
 
-    The kernels compute a k-unit selection in whole tiles, so the padding units would cost the same as real
-    ones: they recompute more randomly chosen units instead, as the original method pads its counts to 256
-    with extra columns. The 10% bound keeps small layers (tests, tiny models) at their configured fraction.
-    The same budget on every path (CPU references included), so the paths choose alike.
+    The kernels compute a k-unit selection in whole tiles, so real units in the padding slots cost only
+    their activation-cache traffic (the MMAs run anyway): they recompute more randomly chosen units instead,
+    as the original method pads its counts to 256 with extra columns. The 10% bound keeps small layers
+    (tests, tiny models) at their configured fraction. The same budget on every path (CPU references
+    included), so the paths choose alike.
     """
     k_top, n_rand = column_budget(keep, random_keep, f)
     k = k_top + n_rand

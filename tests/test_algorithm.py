@@ -314,6 +314,7 @@ def test_mlp_budget_fills_the_kernel_tiles_with_random_units():
     """FLUX's 30% + 5% of 12288 units is 4116 units, which the kernels compute as 4352 (17 tiles of 256):
     the 236 padding slots become random units. Small layers keep their configured budget."""
     from chipmunk_compile.kernels.column_sparse_mlp import unit_multiple
+
     from chipmunk_compile.selection import column_budget
     from chipmunk_compile.sparse_mlp import padded_budget
 
