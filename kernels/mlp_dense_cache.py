@@ -26,14 +26,12 @@ dtype before the product: up to one rounding step apart). Means: fp32 sums in an
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from chipmunk_compile.kernels._launch import CachedLauncher, PlanCache, tensor_signature
-from chipmunk_compile.kernels.column_sparse_mlp import _activate
+from chipmunk_compile.kernels.column_sparse_mlp import _activate, _interpreting
 
 __all__ = ["ACTIVATIONS", "dense_activation_cache", "dense_activation_cache_ref", "supports"]
 
@@ -75,10 +73,6 @@ def _dense_cache_kernel(
     tl.store(a_ptr + b * S * F_UNITS + rows[:, None] * F_UNITS + units[None, :], a, mask=mask)
     # act_t is (B, F, S): the transposed tile, contiguous along the rows.
     tl.store(at_ptr + b * F_UNITS * S + units[None, :] * S + rows[:, None], a, mask=mask)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def supports(h: torch.Tensor) -> str | None:

@@ -23,8 +23,6 @@ and an equal refreshed reference.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +31,7 @@ from chipmunk_compile.kernels.select_columns import (
     _SEED_MASK,
     MAX_COLUMNS,
     _choose_columns,
+    _interpreting,
     _row_block,
     default_num_warps,
     select_columns_ref,
@@ -69,10 +68,6 @@ def _select_units_drift_kernel(
     tl.store(ref_ptr + base, tl.load(bm_ptr + base, mask=chosen), mask=chosen)
     if GATED:
         tl.store(ref_ptr + base + F, tl.load(bm_ptr + base + F, mask=chosen), mask=chosen)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _fail(msg: str) -> None:
