@@ -1,0 +1,170 @@
+"""Launch-configuration sweep of every kernel a FLUX sparse step runs, at FLUX's shapes (GPU only).
+
+A FLUX.1-dev sparse step at 1280×768 (4352 tokens) runs per MLP site the two sparse MLP kernels with 4352
+of 12288 units (the flux preset's 30% + 5% random, padded to the unit tile), per attention site the
+column-sparse attention kernel with 672 of 4352 keys per 128-query group, and on selection steps the
+fused unit selection (34 rows × 12288 units) after the block-mean first linear (34 × 3072 → 12288).
+This script times each of them under several launch configurations with ``triton.testing.do_bench``
+(L2 flushed), so the shipped defaults can be checked on the card at hand. Outputs of every configuration
+are compared with the default's (same inputs) before it is timed.
+
+    python bench/tune_flux_kernels.py --out results.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import sys
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+import triton
+from _harness import git_sha  # noqa: E402
+from chipmunk_compile.kernels import column_sparse_attention as csa
+from chipmunk_compile.kernels import column_sparse_mlp as csm
+from chipmunk_compile.kernels import select_units as su
+
+S, DIN, F_UNITS, DOUT, K_UNITS = 4352, 3072, 12288, 3072, 4352
+HEADS, HEAD_DIM, KEYS = 24, 128, 672
+
+_D = csm.default_config(False)
+MLP_CONFIGS = {
+    "default": _D,
+    "down w4": replace(_D, down_warps=4),
+    "down w4 s5": replace(_D, down_warps=4, down_stages=5),
+    "down w4 s3": replace(_D, down_warps=4, down_stages=3),
+    "down w8 s3": replace(_D, down_stages=3),
+    "down bn64 w4": replace(_D, down_bn=64, down_warps=4),
+    "up s3": replace(_D, up_stages=3),
+    "up bn128 w4 s4": replace(_D, up_bn=128, up_warps=4, down_bk=64),
+    "up bn128 w8 s4": replace(_D, up_bn=128, down_bk=64),
+}
+_K = csa.KernelConfig
+ATTN_CONFIGS = {
+    "default m64n32w4s4": _K(64, 32, 4, 4),
+    "m64n32w4s3": _K(64, 32, 4, 3),
+    "m64n32w4s5": _K(64, 32, 4, 5),
+    "m64n64w4s3": _K(64, 64, 4, 3),
+    "m64n64w4s4": _K(64, 64, 4, 4),
+    "m128n32w8s4": _K(128, 32, 8, 4),
+    "m128n64w8s3": _K(128, 64, 8, 3),
+    "m128n64w8s4": _K(128, 64, 8, 4),
+    "m64n32w8s4": _K(64, 32, 8, 4),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--old-select", default="", help="folder holding oldsel.py (an earlier selection kernel)")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    dt = torch.bfloat16
+    card = torch.cuda.get_device_name(dev)
+    rows: list[dict] = []
+
+    def row(section, name, ms, flops=0.0, check=""):
+        tf = f"{flops / ms / 1e9:.1f}" if flops else ""
+        rows.append(dict(card=card, torch=torch.__version__, triton=triton.__version__, git_sha=git_sha(),
+                         date=datetime.date.today().isoformat(), section=section, config=name, ms=f"{ms:.4f}",
+                         tflops=tf, check=check))
+        print(f"{section:10s} {name:22s} {ms * 1000:9.1f} us {tf:>7s} TFLOP/s {check}", flush=True)
+
+    torch.manual_seed(0)
+    # --- selection: block-mean first linear and fused unit selection
+    nb = S // 128
+    w1 = torch.randn(F_UNITS, DIN, device=dev, dtype=dt) / DIN**0.5
+    b1 = torch.randn(F_UNITS, device=dev, dtype=dt) * 0.1
+    xm = torch.randn(1, nb, DIN, device=dev, dtype=dt)
+    row("select", "bm F.linear", triton.testing.do_bench(lambda: F.linear(xm, w1, b1)))
+    row("select", "bm w1 @ xmT", triton.testing.do_bench(lambda: torch.addmm(b1[:, None], w1, xm[0].t())))
+    xm64 = torch.zeros(64, DIN, device=dev, dtype=dt)
+    row("select", "bm padded 64", triton.testing.do_bench(lambda: F.linear(xm64, w1, b1)))
+    bm = torch.randn(1, nb, F_UNITS, device=dev)
+    ref = torch.randn(1, nb, F_UNITS, device=dev)
+    k_top = round(0.3 * F_UNITS)
+    n_rand = K_UNITS - k_top
+    for warps in (8, 16, 32):
+        row("select", f"units w{warps}", triton.testing.do_bench(
+            lambda warps=warps: su.select_units_drift(bm, ref.clone(), k_top, n_rand, 1, gated=False,
+                                                      num_warps=warps)))
+    row("select", "clone only", triton.testing.do_bench(lambda: ref.clone()))
+    if args.old_select:  # a copy of an earlier selection kernel, for a before/after on the same card
+        sys.path.insert(0, args.old_select)
+        import oldsel
+
+        same = torch.equal(oldsel.run_old(bm, ref.clone(), k_top, n_rand, 1),
+                           su.select_units_drift(bm, ref.clone(), k_top, n_rand, 1, gated=False))
+        row("select", "units old w16", triton.testing.do_bench(
+            lambda: oldsel.run_old(bm, ref.clone(), k_top, n_rand, 1)), check="equal" if same else "DIFFERENT")
+
+    # --- sparse MLP kernels
+    x = torch.randn(1, S, DIN, device=dev, dtype=dt)
+    w2t = (torch.randn(F_UNITS, DOUT, device=dev, dtype=dt) / F_UNITS**0.5)
+    idx = torch.stack([torch.randperm(F_UNITS, device=dev)[:K_UNITS].sort().values for _ in range(nb)]).int()[None]
+    act0 = torch.randn(1, F_UNITS, S, device=dev, dtype=dt)
+    out0 = torch.randn(1, S, DOUT, device=dev, dtype=dt)
+    up_flops, down_flops = 2 * S * DIN * K_UNITS, 2 * S * K_UNITS * DOUT
+    ref_out = None
+    for name, cfg in MLP_CONFIGS.items():
+        try:
+            act, out, copy = act0.clone(), out0.clone(), torch.empty_like(out0)
+            packed = csm._alloc_packed(x, w2t.t(), K_UNITS, cfg)
+            csm._launch_up(x, w1, b1, idx, act, packed, "gelu_tanh", False, 128, cfg)
+            csm._launch_down(packed, w2t.t(), idx, out, 128, cfg, copy=copy)
+            torch.cuda.synchronize()
+            if ref_out is None:
+                ref_out, ref_act = out.clone(), act.clone()
+                check = "reference"
+            else:
+                err = (out.float() - ref_out.float()).abs().max().item()
+                check = "equal" if err == 0 and torch.equal(act, ref_act) else f"max diff {err:.3g}"
+            row("mlp up", name, triton.testing.do_bench(lambda cfg=cfg, act=act, packed=packed: csm._launch_up(
+                x, w1, b1, idx, act, packed, "gelu_tanh", False, 128, cfg)), up_flops, check)
+            row("mlp down", name, triton.testing.do_bench(lambda cfg=cfg, out=out, copy=copy, packed=packed:
+                csm._launch_down(packed, w2t.t(), idx, out, 128, cfg, copy=copy)), down_flops, check)
+        except Exception as err:  # noqa: BLE001 - a config that fails to compile must not stop the sweep
+            print(f"mlp {name}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
+    del act0
+
+    # --- column-sparse attention
+    q = torch.randn(1, S, HEADS, HEAD_DIM, device=dev, dtype=dt).transpose(1, 2)
+    k = torch.randn(1, S, HEADS, HEAD_DIM, device=dev, dtype=dt).transpose(1, 2)
+    v = torch.randn(1, S, HEADS, HEAD_DIM, device=dev, dtype=dt).transpose(1, 2)
+    base = torch.randn(1, S, HEADS, HEAD_DIM, device=dev, dtype=dt).transpose(1, 2)
+    g = S // 128
+    ind = torch.rand(HEADS * g, S, device=dev).topk(KEYS, dim=-1).indices.sort(dim=-1).values.int()
+    ind = ind.view(1, HEADS, g, KEYS).contiguous()
+    counts = torch.full((1, HEADS, g), KEYS, dtype=torch.int32, device=dev)
+    attn_flops = 4 * S * KEYS * HEAD_DIM * HEADS
+    ref_o = None
+    for name, cfg in ATTN_CONFIGS.items():
+        try:
+            def run(cfg=cfg):
+                return csa.column_sparse_attention(q, k, v, ind, counts, scale=HEAD_DIM**-0.5, group_size=128,
+                                                   base=base, config=cfg)
+            o = run()
+            torch.cuda.synchronize()
+            if ref_o is None:
+                ref_o, check = o, "reference"
+            else:
+                err = (o.float() - ref_o.float()).abs().max().item()
+                check = f"max diff {err:.3g}"
+            row("attention", name, triton.testing.do_bench(run), attn_flops, check)
+        except Exception as err:  # noqa: BLE001
+            print(f"attention {name}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
+    row("attention", "cudnn dense", triton.testing.do_bench(
+        lambda: F.scaled_dot_product_attention(q, k, v)), 4 * S * S * HEAD_DIM * HEADS)
+
+    keys = ["card", "torch", "triton", "git_sha", "date", "section", "config", "ms", "tflops", "check"]
+    with open(args.out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
