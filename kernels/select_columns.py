@@ -12,11 +12,10 @@ generator state, no ``torch.rand`` tensor.
 
 Why one kernel: the PyTorch version (topk, rand, scatter, topk, cat, sort, ...) is ~15 small launches,
 about 0.6 ms of host time per MLP site on FLUX, while the GPU work is microseconds. Here one program
-handles one row, kept in registers (N <= 32768): each k-largest search builds its threshold two bits at a time
-from the top, counting ``keys >= candidate`` for three candidates at once over the row (16 block reductions on
-an order-preserving uint32 image of the key), then resolves ties at the threshold with a prefix sum; a last
-prefix sum over the union gives each chosen column its output slot, so the output is sorted with no sort. No
-host sync, no atomics, deterministic.
+handles one row, kept in registers (N <= 32768): each k-largest search finds its threshold byte by byte
+from the top (radix select: four 256-bin histograms of an order-preserving uint32 image of the key), then resolves ties at the threshold with a prefix sum; a last prefix sum over the
+union gives each chosen column its output slot, so the output is sorted with no sort. No host sync, no
+atomics, deterministic.
 
 ``select_columns_ref`` computes the same thing (same hash, same tie rule) with PyTorch sorts, so the
 kernel must match it exactly.
@@ -57,27 +56,25 @@ def _fmix32(h):
 def _take_largest(keys, k):
     """Mask of the ``k`` largest of ``keys`` (uint32), ties to lower index. Key 0 is never taken: the
     caller gives at least ``k`` nonzero keys, so the threshold is >= 1."""
-    # Build the k-th largest key two bits at a time, from the top: of the prefixes with the next two bits
-    # set to 01, 10 and 11, keep the largest that at least k keys reach. The three counts (each <= 32768)
-    # travel in one int64 reduction, 16 bits apart: 16 block reductions instead of 32. The row is latency
-    # bound (one program per row, a barrier per reduction), so the rounds are what the search costs.
+    # The k-th largest key, one byte at a time from the top (radix select): histogram the next byte of the
+    # keys that share the bytes chosen so far, and keep the largest byte value at or above which at least
+    # ``need`` of them lie (``need``: how many of the k still fall inside the current prefix). Four
+    # histograms and four 256-wide prefix sums replace 32 full-row reductions: the row is one program, so
+    # its sequential rounds are what the search costs.
     thr = tl.zeros((), dtype=tl.uint32)
-    low = tl.full((), 0x40000000, dtype=tl.uint32)  # the lower of the two bits under test
-    for _ in range(16):
-        c1 = thr | low
-        c2 = thr | (low << 1)
-        c3 = c1 | c2
-        packed = (
-            (keys >= c1).to(tl.int64)
-            + ((keys >= c2).to(tl.int64) << 16)
-            + ((keys >= c3).to(tl.int64) << 32)
-        )
-        counts = tl.sum(packed, axis=0)
-        n1 = (counts & 0xFFFF).to(tl.int32)
-        n2 = ((counts >> 16) & 0xFFFF).to(tl.int32)
-        n3 = ((counts >> 32) & 0xFFFF).to(tl.int32)
-        thr = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, thr)))
-        low = low >> 2
+    need = k
+    digits = tl.arange(0, 256)
+    for r in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * r
+        byte = ((keys >> shift) & 0xFF).to(tl.int32)
+        if r == 0:
+            hist = tl.histogram(byte, 256)
+        else:
+            hist = tl.histogram(byte, 256, mask=(keys >> (shift + 8)) == (thr >> (shift + 8)))
+        at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with byte >= d
+        d = tl.max(tl.where(at_or_above >= need, digits, 0), axis=0)
+        need -= tl.sum(tl.where(digits > d, hist, 0), axis=0)
+        thr = thr | (d.to(tl.uint32) << shift)
     above = keys > thr
     need = k - tl.sum(above.to(tl.int32), axis=0)
     tied = keys == thr
