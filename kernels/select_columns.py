@@ -12,8 +12,9 @@ generator state, no ``torch.rand`` tensor.
 
 Why one kernel: the PyTorch version (topk, rand, scatter, topk, cat, sort, ...) is ~15 small launches,
 about 0.6 ms of host time per MLP site on FLUX, while the GPU work is microseconds. Here one program
-handles one row, kept in registers (N <= 32768): each k-largest search finds its threshold byte by byte
-from the top (radix select: four 256-bin histograms of an order-preserving uint32 image of the key), then resolves ties at the threshold with a prefix sum; a last prefix sum over the
+handles one row, kept in registers (N <= 32768): each k-largest search builds its threshold bit by bit
+from the top, counting ``keys >= candidate`` over the row (32 block reductions on an order-preserving
+uint32 image of the key), then resolves ties at the threshold with a prefix sum; a last prefix sum over the
 union gives each chosen column its output slot, so the output is sorted with no sort. No host sync, no
 atomics, deterministic.
 
@@ -56,25 +57,14 @@ def _fmix32(h):
 def _take_largest(keys, k):
     """Mask of the ``k`` largest of ``keys`` (uint32), ties to lower index. Key 0 is never taken: the
     caller gives at least ``k`` nonzero keys, so the threshold is >= 1."""
-    # The k-th largest key, one byte at a time from the top (radix select): histogram the next byte of the
-    # keys that share the bytes chosen so far, and keep the largest byte value at or above which at least
-    # ``need`` of them lie (``need``: how many of the k still fall inside the current prefix). Four
-    # histograms and four 256-wide prefix sums replace 32 full-row reductions: the row is one program, so
-    # its sequential rounds are what the search costs.
+    # Build the k-th largest key bit by bit: keep a bit if at least k keys are >= the prefix with it set.
     thr = tl.zeros((), dtype=tl.uint32)
-    need = k
-    digits = tl.arange(0, 256)
-    for r in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * r
-        byte = ((keys >> shift) & 0xFF).to(tl.int32)
-        if r == 0:
-            hist = tl.histogram(byte, 256)
-        else:
-            hist = tl.histogram(byte, 256, mask=(keys >> (shift + 8)) == (thr >> (shift + 8)))
-        at_or_above = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with byte >= d
-        d = tl.max(tl.where(at_or_above >= need, digits, 0), axis=0)
-        need -= tl.sum(tl.where(digits > d, hist, 0), axis=0)
-        thr = thr | (d.to(tl.uint32) << shift)
+    bit = tl.full((), 0x80000000, dtype=tl.uint32)
+    for _ in range(32):
+        cand = thr | bit
+        count = tl.sum((keys >= cand).to(tl.int32), axis=0)
+        thr = tl.where(count >= k, cand, thr)
+        bit = bit >> 1
     above = keys > thr
     need = k - tl.sum(above.to(tl.int32), axis=0)
     tied = keys == thr
