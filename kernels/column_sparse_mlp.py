@@ -98,12 +98,12 @@ class ColumnSparseMlpConfig:
 
 # Measured on H200 (bench/results/mlp_h200_2026-11-27.csv, FLUX shape, 30% kept, bf16): 128×256 mm1 tiles
 # with 4 stages and 128×128 mm2 tiles were fastest (128×256 mm2 tiles leave a 3.1-wave grid). Gated mm1
-# keeps two accumulators, so its unit tile stays 128 wide (registers), and 3 stages beat 4 there. mm2:
-# one warpgroup (4 warps) with 5 stages took 263 µs against 316 µs for 8 warps with 4 stages on an H100
-# (FLUX shape, 4352 of 12288 units; bench/results/flux_kernels_NVIDIA-H100_session4.csv; 4 warps with 3 or 4
-# stages were slower than 8). 4-byte dtypes halve the K step so the pipeline buffers still fit shared memory.
-_PLAIN_CONFIG = ColumnSparseMlpConfig(up_bn=256, up_stages=4, down_warps=4, down_stages=5)
-_GATED_CONFIG = ColumnSparseMlpConfig(up_bn=128, up_stages=3, down_warps=4, down_stages=5)
+# keeps two accumulators, so its unit tile stays 128 wide (registers), and 3 stages beat 4 there. mm2 on an
+# H100 (FLUX shape, 4352 of 12288 units; bench/results/flux_kernels_NVIDIA-H100_session4*.csv): 8 warps with
+# 5 stages 253 µs, 4 warps with 5-6 stages 262-264 µs, 8 warps with 4 stages (the earlier default)
+# 316 µs. 4-byte dtypes halve the K step so the pipeline buffers still fit shared memory.
+_PLAIN_CONFIG = ColumnSparseMlpConfig(up_bn=256, up_stages=4, down_stages=5)
+_GATED_CONFIG = ColumnSparseMlpConfig(up_bn=128, up_stages=3, down_stages=5)
 _SMEM_LIMIT = 227 * 1024  # Hopper's per-block maximum; Ampere (A100) allows 163 KB
 
 
