@@ -12,11 +12,11 @@ generator state, no ``torch.rand`` tensor.
 
 Why one kernel: the PyTorch version (topk, rand, scatter, topk, cat, sort, ...) is ~15 small launches,
 about 0.6 ms of host time per MLP site on FLUX, while the GPU work is microseconds. Here one program
-handles one row, kept in registers (N <= 32768): each k-largest search builds its threshold bit by bit
-from the top, counting ``keys >= candidate`` over the row (32 block reductions on an order-preserving
-uint32 image of the key), then resolves ties at the threshold with a prefix sum; a last prefix sum over the
-union gives each chosen column its output slot, so the output is sorted with no sort. No host sync, no
-atomics, deterministic.
+handles one row, kept in registers (N <= 32768): each k-largest search builds its threshold bit by bit from
+the top, counting ``keys >= candidate`` over the row (at most 32 block reductions on an order-preserving
+uint32 image of the key, fewer when exactly k keys reach a prefix early), then resolves ties at the
+threshold with a prefix sum; a last prefix sum over the union gives each chosen column its output slot, so
+the output is sorted with no sort. No host sync, no atomics, deterministic.
 
 ``select_columns_ref`` computes the same thing (same hash, same tie rule) with PyTorch sorts, so the
 kernel must match it exactly.
@@ -58,9 +58,13 @@ def _take_largest(keys, k):
     """Mask of the ``k`` largest of ``keys`` (uint32), ties to lower index. Key 0 is never taken: the
     caller gives at least ``k`` nonzero keys, so the threshold is >= 1."""
     # Build the k-th largest key bit by bit: keep a bit if at least k keys are >= the prefix with it set.
+    # Stop early once exactly k keys are >= the threshold: they are then the k largest, whatever the
+    # remaining bits (with distinct keys this happens as soon as the prefix separates the k-th largest key
+    # from the next one: about 14 of 32 rounds for the random part's hashes on FLUX's 12288 units).
     thr = tl.zeros((), dtype=tl.uint32)
     bit = tl.full((), 0x80000000, dtype=tl.uint32)
-    for _ in range(32):
+    count = tl.zeros((), dtype=tl.int32)
+    while (bit != 0) & (count != k):
         cand = thr | bit
         count = tl.sum((keys >= cand).to(tl.int32), axis=0)
         thr = tl.where(count >= k, cand, thr)
