@@ -17,6 +17,7 @@ selection costs one small matmul over the block means, not the full first linear
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -153,6 +154,7 @@ def _activation_and_caches(
     return a, a.transpose(1, 2).contiguous(), block_means(h, block)
 
 
+@functools.lru_cache(maxsize=256)
 def padded_budget(keep: float, random_keep: float, f: int, multiple: int) -> tuple[int, int]:
     """(k_top, n_rand) of ``column_budget``, with the random part grown so that k_top + n_rand fills the
     kernels' unit tiles (a multiple of ``multiple``) when that adds at most 10% of the units.
@@ -161,7 +163,7 @@ def padded_budget(keep: float, random_keep: float, f: int, multiple: int) -> tup
     their activation-cache traffic (the MMAs run anyway): they recompute more randomly chosen units instead,
     as the original method pads its counts to 256 with extra columns. The 10% bound keeps small layers
     (tests, tiny models) at their configured fraction. The same budget on every path (CPU references
-    included), so the paths choose alike.
+    included), so the paths choose alike. Cached: it runs on every sparse call of every site.
     """
     k_top, n_rand = column_budget(keep, random_keep, f)
     k = k_top + n_rand

@@ -47,6 +47,7 @@ and rounded once.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -115,9 +116,10 @@ def default_config(gated: bool, dtype: torch.dtype = torch.bfloat16) -> ColumnSp
     return cfg
 
 
+@functools.lru_cache(maxsize=16)
 def unit_multiple(gated: bool, dtype: torch.dtype = torch.bfloat16) -> int:
     """The default tiles' multiple of selected units: a selection of k units costs as much as one of k rounded
-    up to it (the padding columns compute zeros)."""
+    up to it (the padding columns compute zeros). Cached: the MLP op asks on every sparse call."""
     cfg = default_config(gated, dtype)
     return max(cfg.up_bn, cfg.down_bk)
 
