@@ -56,7 +56,8 @@ ATTN_CONFIGS = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--old-select", default="", help="folder holding oldsel.py (an earlier selection kernel)")
+    ap.add_argument("--old-select", default="", help="folder holding oldsel.py: a copy of an earlier selection kernel "
+                    "with run_old(bm, ref, k_top, n_rand, seed), timed beside the current one (before/after)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     dt = torch.bfloat16
