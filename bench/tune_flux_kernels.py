@@ -24,12 +24,9 @@ import torch
 import torch.nn.functional as F
 import triton
 from _harness import git_sha  # noqa: E402
-from chipmunk_compile.kernels import block_mean_linear as bml
 from chipmunk_compile.kernels import column_sparse_attention as csa
 from chipmunk_compile.kernels import column_sparse_mlp as csm
 from chipmunk_compile.kernels import select_units as su
-
-from chipmunk_compile.sparse_mlp import block_means
 
 S, DIN, F_UNITS, DOUT, K_UNITS = 4352, 3072, 12288, 3072, 4352
 HEADS, HEAD_DIM, KEYS = 24, 128, 672
@@ -37,17 +34,14 @@ HEADS, HEAD_DIM, KEYS = 24, 128, 672
 _D = csm.default_config(False)
 MLP_CONFIGS = {
     "default": _D,
-    "down 128x128 s5": replace(_D, down_bn=128, down_stages=5, down_tail_bn=0),
-    "down 128x256 s4": replace(_D, down_bn=256, down_stages=4, down_tail_bn=0),
-    "down 128x256 s3": replace(_D, down_bn=256, down_stages=3, down_tail_bn=0),
-    "down 128x256 s4 tail64": replace(_D, down_bn=256, down_stages=4, down_tail_bn=64),
-    "down 128x256 s4 tail128": replace(_D, down_bn=256, down_stages=4, down_tail_bn=128),
-    "down 128x256 s3 tail64": replace(_D, down_bn=256, down_stages=3, down_tail_bn=64),
-    "down 128x128 s5 tail64": replace(_D, down_bn=128, down_stages=5, down_tail_bn=64),
+    "down w8 s4": replace(_D, down_warps=8, down_stages=4),
+    "down w4 s4": replace(_D, down_warps=4, down_stages=4),
+    "down w4 s6": replace(_D, down_warps=4, down_stages=6),
+    "down w4 s7": replace(_D, down_warps=4, down_stages=7),
+    "down w8 s5": replace(_D, down_warps=8, down_stages=5),
+    "down w4 s8 bk32": replace(_D, down_warps=4, down_stages=8, down_bk=32),
+    "up s6 bk32": replace(_D, up_stages=6, up_bk=32),
 }
-# the row counts of FLUX's MLP sites: single blocks (joint sequence) and double blocks (image tokens)
-MLP_SEQS = (4352, 3840)
-BM_TILES = [(32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 3), (16, 128, 4, 4), (32, 128, 4, 6), (64, 64, 4, 6)]
 _K = csa.KernelConfig
 ATTN_CONFIGS = {
     "default": csa._pick_config(HEAD_DIM, 128),
@@ -62,7 +56,6 @@ ATTN_CONFIGS = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sections", default="select,mlp,attn", help="comma-separated subset of select,mlp,attn")
     ap.add_argument("--old-select", default="", help="folder holding oldsel.py: a copy of an earlier selection kernel "
                     "with run_old(bm, ref, k_top, n_rand, seed), timed beside the current one (before/after)")
     args = ap.parse_args()
@@ -79,49 +72,11 @@ def main() -> None:
         print(f"{section:10s} {name:22s} {ms * 1000:9.1f} us {tf:>7s} TFLOP/s {check}", flush=True)
 
     torch.manual_seed(0)
-    sections = set(args.sections.split(","))
     # --- selection: block-mean first linear and fused unit selection
     nb = S // 128
     w1 = torch.randn(F_UNITS, DIN, device=dev, dtype=dt) / DIN**0.5
     b1 = torch.randn(F_UNITS, device=dev, dtype=dt) * 0.1
     xm = torch.randn(1, nb, DIN, device=dev, dtype=dt)
-    if "select" in sections:
-        _select_section(args, row, dev, dt, w1, b1, xm, nb)
-    if "mlp" in sections:
-        _mlp_section(row, dev, dt, w1, b1)
-    if "attn" in sections:
-        _attention_section(row, dev, dt)
-
-    keys = ["card", "torch", "triton", "git_sha", "date", "section", "config", "ms", "tflops", "check"]
-    with open(args.out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _select_section(args, row, dev, dt, w1, b1, xm, nb) -> None:
-    x = torch.randn(1, S, DIN, device=dev, dtype=dt)
-
-    def old_path():  # before: fp32 means, cast, F.linear in bf16, cast back
-        return F.linear(block_means(x, 128).to(dt), w1, b1).float()
-
-    def new_path():
-        return bml.block_mean_linear(block_means(x, 128)[0], w1, b1)
-
-    row("select", "path mean+cast+F.linear+cast", triton.testing.do_bench(old_path))
-    err = (new_path() - old_path()[0]).abs().max().item()
-    row("select", "path mean+kernel", triton.testing.do_bench(new_path), check=f"max diff vs old {err:.3g}")
-    row("select", "block mean only", triton.testing.do_bench(lambda: block_means(x, 128)))
-    means = block_means(x, 128)[0]
-    want = bml.block_mean_linear_ref(means, w1, b1)
-    for tiles in BM_TILES:
-        try:
-            got = bml.block_mean_linear(means, w1, b1, tiles=tiles)
-            check = f"max diff {(got - want).abs().max().item():.3g}"
-            row("select", f"bm kernel f{tiles[0]} k{tiles[1]} w{tiles[2]} s{tiles[3]}", triton.testing.do_bench(
-                lambda tiles=tiles: bml.block_mean_linear(means, w1, b1, tiles=tiles)), check=check)
-        except Exception as err:  # noqa: BLE001 - a config that fails to compile must not stop the sweep
-            print(f"bm {tiles}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
     row("select", "bm F.linear", triton.testing.do_bench(lambda: F.linear(xm, w1, b1)))
     row("select", "bm w1 @ xmT", triton.testing.do_bench(lambda: torch.addmm(b1[:, None], w1, xm[0].t())))
     xm64 = torch.zeros(64, DIN, device=dev, dtype=dt)
@@ -130,7 +85,7 @@ def _select_section(args, row, dev, dt, w1, b1, xm, nb) -> None:
     ref = torch.randn(1, nb, F_UNITS, device=dev)
     k_top = round(0.3 * F_UNITS)
     n_rand = K_UNITS - k_top
-    for warps in (8, 16, 32):
+    for warps in (16,):
         row("select", f"units w{warps}", triton.testing.do_bench(
             lambda warps=warps: su.select_units_drift(bm, ref.clone(), k_top, n_rand, 1, gated=False,
                                                       num_warps=warps)))
@@ -144,14 +99,7 @@ def _select_section(args, row, dev, dt, w1, b1, xm, nb) -> None:
         row("select", "units old w16", triton.testing.do_bench(
             lambda: oldsel.run_old(bm, ref.clone(), k_top, n_rand, 1)), check="equal" if same else "DIFFERENT")
 
-
-def _mlp_section(row, dev, dt, w1, b1) -> None:
-    for seq in MLP_SEQS:
-        _mlp_at(row, dev, dt, w1, b1, seq)
-
-
-def _mlp_at(row, dev, dt, w1, b1, S) -> None:
-    nb = S // 128
+    # --- sparse MLP kernels
     x = torch.randn(1, S, DIN, device=dev, dtype=dt)
     w2t = (torch.randn(F_UNITS, DOUT, device=dev, dtype=dt) / F_UNITS**0.5)
     idx = torch.stack([torch.randperm(F_UNITS, device=dev)[:K_UNITS].sort().values for _ in range(nb)]).int()[None]
@@ -172,16 +120,14 @@ def _mlp_at(row, dev, dt, w1, b1, S) -> None:
             else:
                 err = (out.float() - ref_out.float()).abs().max().item()
                 check = "equal" if err == 0 and torch.equal(act, ref_act) else f"max diff {err:.3g}"
-            row(f"mlp up {S}", name, triton.testing.do_bench(lambda cfg=cfg, act=act, packed=packed: csm._launch_up(
+            row("mlp up", name, triton.testing.do_bench(lambda cfg=cfg, act=act, packed=packed: csm._launch_up(
                 x, w1, b1, idx, act, packed, "gelu_tanh", False, 128, cfg)), up_flops, check)
-            row(f"mlp down {S}", name, triton.testing.do_bench(lambda cfg=cfg, out=out, copy=copy, packed=packed:
+            row("mlp down", name, triton.testing.do_bench(lambda cfg=cfg, out=out, copy=copy, packed=packed:
                 csm._launch_down(packed, w2t.t(), idx, out, 128, cfg, copy=copy)), down_flops, check)
         except Exception as err:  # noqa: BLE001 - a config that fails to compile must not stop the sweep
             print(f"mlp {name}: FAILED {type(err).__name__}: {str(err)[:200]}", flush=True)
     del act0
 
-
-def _attention_section(row, dev, dt) -> None:
     # --- column-sparse attention: FLUX (672 of 4352 keys per group) and S=32k at 7% kept
     for seq, keys in ((S, KEYS), (32768, round(0.07 * 32768))):
         q, k, v, base = (torch.randn(1, seq, HEADS, HEAD_DIM, device=dev, dtype=dt).transpose(1, 2) for _ in range(4))
@@ -209,6 +155,12 @@ def _attention_section(row, dev, dt) -> None:
         row(f"attn {seq}", "cudnn dense", triton.testing.do_bench(
             lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)), 4 * seq * seq * HEAD_DIM * HEADS)
         del q, k, v, base, ind, ref_o
+
+    keys = ["card", "torch", "triton", "git_sha", "date", "section", "config", "ms", "tflops", "check"]
+    with open(args.out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from chipmunk_compile.config import MlpConfig
-from chipmunk_compile.kernels import block_mean_linear as bm_kernels
 from chipmunk_compile.kernels import column_sparse_mlp as mlp_kernels
 from chipmunk_compile.kernels import mlp_dense_cache as dense_kernels
 from chipmunk_compile.kernels import select_units as unit_kernels
@@ -88,25 +87,6 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     if tail:
         parts.append(torch.sum(x[:, full * block :], dim=1, keepdim=True, dtype=torch.float32) / tail)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def _selection_block_means(
-    site: SiteState, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, block: int, triton: bool
-) -> torch.Tensor:
-    """(B, nb, F or 2F) fp32 block means of the pre-activation ``x·W1ᵀ + b1``, from the block means of x
-    (B, S, Din): the matmul in one Triton launch on CUDA (fp32 out, no casts), else ``F.linear`` on the means
-    rounded to x's dtype. A failing kernel is logged once and the site uses ``F.linear`` from then on."""
-    means = block_means(x, block)  # (B, nb, Din) fp32
-    if triton and site.selection_kernel_error is None:
-        flat = means.view(-1, means.shape[-1])
-        if bm_kernels.supports(flat, w1, b1) is None:
-            try:
-                return bm_kernels.block_mean_linear(flat, w1, b1).view(*means.shape[:-1], w1.shape[0])
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as err:  # noqa: BLE001 - Triton compile/launch errors have no common base class
-                _selection_failed(site, "block-mean linear", err)
-    return F.linear(means.to(x.dtype), w1, b1).float()
 
 
 def _select_units(site: SiteState, diff: torch.Tensor, k_top: int, n_rand: int, seed: int) -> torch.Tensor:
@@ -263,7 +243,7 @@ def run_mlp(
     k_top, n_rand = padded_budget(cfg.keep, cfg.random_keep, f, mlp_kernels.unit_multiple(gated, x3.dtype))
     sel_flops = 0
     if entry.indices is None or info.step - entry.selected_at >= cfg.selection_every:
-        bm = _selection_block_means(site, x3, w1, b1, cfg.block, triton)  # (B, nb, F or 2F) fp32
+        bm = F.linear(block_means(x3, cfg.block).to(x3.dtype), w1, b1).float()  # (B, nb, F or 2F)
         seed = ctx.state.next_seed()
         # refresh the reference block means of the chosen units only (unchosen ones keep drifting)
         idx = _select_units_fused(site, bm, entry.block_mean, gated, k_top, n_rand, seed)

@@ -82,10 +82,6 @@ class ColumnSparseMlpConfig:
 
     ``up_*``: mm1 (rows × selected units × Din step); ``down_*``: mm2 (rows × Dout × selected-unit step).
     ``rows_fastest``: launch all row tiles of one weight tile together (L2 reuse of gathered weights).
-    ``down_tail_bn``: 0, or a narrower Dout tile for the row tiles of mm2's last, mostly empty wave: when
-    :func:`split_row_tiles` finds it cheaper, mm2 runs as two launches, the row tiles that fill whole waves
-    with ``down_bn`` and the rest with ``down_tail_bn`` (more, smaller programs over the idle SMs).
-    ``down_tail_sms``: the SM count that decision assumes (0: the device's; tests set it).
     """
 
     up_bm: int = 128
@@ -99,8 +95,6 @@ class ColumnSparseMlpConfig:
     down_warps: int = 8
     down_stages: int = 3
     rows_fastest: bool = True
-    down_tail_bn: int = 0
-    down_tail_sms: int = 0
 
 
 # Measured on H200 (bench/results/mlp_h200_2026-11-27.csv, FLUX shape, 30% kept, bf16): 128×256 mm1 tiles
@@ -228,7 +222,7 @@ def _column_sparse_mlp_up_kernel(
 @triton.jit
 def _column_sparse_mlp_down_kernel(
     p_ptr, w2_ptr, idx_ptr, out_ptr, copy_ptr,
-    S, DOUT, K, K_PAD, N_ROW_TILES, ROW_TILE0,
+    S, DOUT, K, K_PAD, N_ROW_TILES,
     stride_pb, stride_ps,
     stride_w2d, stride_w2f,
     stride_ib, stride_im,
@@ -238,10 +232,10 @@ def _column_sparse_mlp_down_kernel(
     HAS_COPY: tl.constexpr,
 ):
     if ROWS_FASTEST:
-        pid_m = tl.program_id(0) + ROW_TILE0
+        pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
     else:
-        pid_m = tl.program_id(1) + ROW_TILE0
+        pid_m = tl.program_id(1)
         pid_n = tl.program_id(0)
     b = (pid_m // N_ROW_TILES).to(tl.int64)
     mt = pid_m % N_ROW_TILES
@@ -540,69 +534,34 @@ def _launch_down(packed, w2, indices, out_cache, block_size, cfg, signature=None
     plan = _DOWN_PLANS.get(signature)
     if plan is None:
         plan = _DOWN_PLANS.put(signature, _down_plan(packed, w2, indices, out_cache, block_size, cfg, copy))
-    args = (packed, w2, indices, out_cache, out_cache if copy is None else copy)
-    for grid, ints, constexprs in plan:
-        _launch_down_kernel(grid, (*args, *ints), constexprs, signature=(signature, constexprs["BN"]),
-                            num_warps=cfg.down_warps, num_stages=cfg.down_stages)
+    grid, ints, constexprs = plan
+    _launch_down_kernel(
+        grid, (packed, w2, indices, out_cache, out_cache if copy is None else copy, *ints), constexprs,
+        signature=signature, num_warps=cfg.down_warps, num_stages=cfg.down_stages,
+    )
 
 
-def split_row_tiles(row_tiles: int, n_tiles: int, narrow: int, sms: int) -> int:
-    """How many of mm2's ``row_tiles`` (B · row tiles, each with ``n_tiles`` output tiles) to run in the wide
-    launch; the rest run with output tiles ``narrow`` times narrower. All of them when splitting does not pay.
-
-    Wave model: a launch of n equal programs (one per SM at a time) takes ceil(n / sms) program times. The
-    row tiles that fill whole waves stay wide; a narrow program is taken to cost 1.3 / ``narrow`` of a wide one
-    (narrower tiles re-read more per flop). FLUX's single blocks (34 row tiles × 12 tiles of 256 on 132
-    SMs): 3 full waves of 33 row tiles plus 48 narrow programs, instead of a fourth wave with 12 programs.
-    """
-    if narrow <= 1 or sms <= 0:
-        return row_tiles
-    total = row_tiles * n_tiles
-    main = (total // sms) * sms // n_tiles
-    if main in (0, row_tiles):
-        return row_tiles
-    split = triton.cdiv(main * n_tiles, sms) + triton.cdiv((row_tiles - main) * n_tiles * narrow, sms) * 1.3 / narrow
-    return main if split < triton.cdiv(total, sms) - 0.05 else row_tiles
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter: any count (tests pick the split with down_tail_sms)
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _down_plan(packed, w2, indices, out_cache, block_size, cfg, copy) -> list[_LaunchPlan]:
-    """(grid, integer arguments, constexprs) of each mm2 launch: one, or two when the last wave is split."""
+def _down_plan(packed, w2, indices, out_cache, block_size, cfg, copy) -> _LaunchPlan:
+    """(grid, integer arguments, constexprs) of mm2."""
     bsz, seq, k_pad = packed.shape
     dout, k = w2.shape[0], indices.shape[2]
     bm = _row_tile(cfg.down_bm, block_size)
     upcast, precision = _precision(packed)
-    n_rows = triton.cdiv(seq, bm)
-    row_tiles = bsz * n_rows
-    main = row_tiles
-    if cfg.down_tail_bn and cfg.down_bn % cfg.down_tail_bn == 0:
-        sms = cfg.down_tail_sms or _sm_count(packed.device)
-        main = split_row_tiles(row_tiles, triton.cdiv(dout, cfg.down_bn), cfg.down_bn // cfg.down_tail_bn, sms)
-    launches = []
-    for first, count, bn in ((0, main, cfg.down_bn), (main, row_tiles - main, cfg.down_tail_bn)):
-        if count == 0:
-            continue
-        n_tiles = triton.cdiv(dout, bn)
-        grid = (count, n_tiles) if cfg.rows_fastest else (n_tiles, count)
-        ints = (
-            seq, dout, k, k_pad, n_rows, first,
-            packed.stride(0), packed.stride(1),
-            w2.stride(0), w2.stride(1),
-            indices.stride(0), indices.stride(1),
-            out_cache.stride(0), out_cache.stride(1),
-        )  # fmt: skip
-        constexprs = dict(
-            BLOCK_SIZE=block_size, BM=bm, BN=bn, BK=cfg.down_bk,
-            EVEN_N=dout % bn == 0, UPCAST=upcast, PRECISION=precision, ROWS_FASTEST=cfg.rows_fastest,
-            HAS_COPY=copy is not None,
-        )  # fmt: skip
-        launches.append((grid, ints, constexprs))
-    return launches
+    n_rows, n_tiles = triton.cdiv(seq, bm), triton.cdiv(dout, cfg.down_bn)
+    grid = (bsz * n_rows, n_tiles) if cfg.rows_fastest else (n_tiles, bsz * n_rows)
+    ints = (
+        seq, dout, k, k_pad, n_rows,
+        packed.stride(0), packed.stride(1),
+        w2.stride(0), w2.stride(1),
+        indices.stride(0), indices.stride(1),
+        out_cache.stride(0), out_cache.stride(1),
+    )  # fmt: skip
+    constexprs = dict(
+        BLOCK_SIZE=block_size, BM=bm, BN=cfg.down_bn, BK=cfg.down_bk,
+        EVEN_N=dout % cfg.down_bn == 0, UPCAST=upcast, PRECISION=precision, ROWS_FASTEST=cfg.rows_fastest,
+        HAS_COPY=copy is not None,
+    )  # fmt: skip
+    return grid, ints, constexprs
 
 
 def _activation_fn(activation: str):

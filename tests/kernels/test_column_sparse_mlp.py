@@ -8,7 +8,7 @@ Tolerance (flash-attention's rule): ``max|kernel − ref64| ≤ 2·max|lowp − 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -198,8 +198,6 @@ def test_ref_matches_loop_formula(gated):
 # The Triton kernels against the reference.
 
 _SMALL = csm.ColumnSparseMlpConfig(up_bm=64, up_bn=32, up_bk=16, down_bm=64, down_bn=32, down_bk=32)
-_TAIL = csm.ColumnSparseMlpConfig(up_bm=64, up_bn=32, up_bk=16, down_bm=64, down_bn=32, down_bk=32, down_tail_bn=16,
-                                  down_tail_sms=7)
 KERNEL_CASES = {
     "base": Case(),
     "k1": Case(k=1),
@@ -211,10 +209,6 @@ KERNEL_CASES = {
     "shared_block256": Case(block=256, seq=300, bsz=1, din=32, units=24, k=10),
     "small_tiles_uneven": Case(din=48, dout=48, config=_SMALL, k=33, gated=True, bsz=1),
     "cols_fastest": Case(config=csm.ColumnSparseMlpConfig(rows_fastest=False), bsz=1, seq=70),
-    # mm2 as two launches (whole waves wide, the last row tile narrow): 2 x 4 row tiles x 2 output tiles on
-    # "7 SMs" -> 7 row tiles wide, 1 narrow (rows_fastest, then row tiles on grid axis 1)
-    "tail_split": Case(bsz=2, seq=256, din=32, dout=64, config=_TAIL),
-    "tail_split_cols_fastest": Case(bsz=2, seq=256, din=32, dout=64, config=replace(_TAIL, rows_fastest=False)),
 }
 
 
@@ -293,20 +287,6 @@ def test_supports_reasons():
                                           torch.randn(16, 8, device=DEVICE))
     assert "dtype" in csm.supports(x.double(), torch.randn(8, 32, device=DEVICE).double(),
                                    torch.randn(16, 8, device=DEVICE).double())
-
-
-def test_tail_split_plan():
-    """The wave model splits FLUX's single-block mm2 (3 full waves + 12 programs) but not its double-block one
-    (a 73%-full last wave), and never without a narrower tile; the test case above really runs two launches."""
-    assert csm.split_row_tiles(34, 12, 4, 132) == 33
-    assert csm.split_row_tiles(30, 12, 4, 132) == 30
-    assert csm.split_row_tiles(34, 12, 1, 132) == 34
-    assert csm.split_row_tiles(5, 12, 4, 132) == 5  # less than one wave
-    case = KERNEL_CASES["tail_split"]
-    x, w1, b1, w2, idx, act, out = _make(case, torch.float32, DEVICE)
-    packed = torch.zeros(case.bsz, case.seq, 32, dtype=x.dtype, device=x.device)
-    plans = csm._down_plan(packed, w2, idx, out, case.block, case.config, None)
-    assert [(p[0], p[1][5], p[2]["BN"]) for p in plans] == [((7, 2), 0, 32), ((1, 4), 7, 16)]
 
 
 # ---------------------------------------------------------------------------------------------------------
