@@ -11,6 +11,7 @@ early.
 
 from __future__ import annotations
 
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ class CacheOffloader:
         self._host: dict[Any, dict[str, torch.Tensor]] = {}  # pinned buffers, reused across dense steps
         self._inflight: dict[Any, tuple[dict[str, torch.Tensor], torch.cuda.Event]] = {}
         self.bytes_offloaded = 0
+        self.pin_seconds = 0.0  # host time spent allocating and page-locking buffers (first dense steps)
 
     def note_use(self, key: Any) -> None:
         """Record the call order: a key seen again starts a new pass over the order."""
@@ -108,7 +110,9 @@ class CacheOffloader:
                 self.bytes_offloaded -= sum(h.numel() * h.element_size() for h in host.values())
             check_host_memory(sum(t.numel() * t.element_size() for t in tensors.values()), host_available_bytes(),
                               self.bytes_offloaded)
+            start = time.perf_counter()
             host = {n: pinned_empty(tuple(t.shape), t.dtype) for n, t in tensors.items()}
+            self.pin_seconds += time.perf_counter() - start
             self._host[key] = host
             self.bytes_offloaded += sum(t.numel() * t.element_size() for t in tensors.values())
         self._inflight.pop(key, None)  # a prefetch of the old contents is stale
@@ -117,6 +121,13 @@ class CacheOffloader:
             for name, t in tensors.items():
                 host[name].copy_(t, non_blocking=True)
                 t.record_stream(self.stream)
+
+    def summary(self) -> str | None:
+        """One line for the report: how much is pinned and what pinning it cost, or None if nothing is."""
+        if not self.bytes_offloaded:
+            return None
+        return (f"{self.bytes_offloaded / 2**30:.1f} GB of attention caches in pinned CPU memory "
+                f"({len(self._host)} site calls; page-locking it took {self.pin_seconds:.1f} s, once)")
 
     def has(self, key: Any) -> bool:
         return key in self._host

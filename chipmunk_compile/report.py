@@ -87,6 +87,9 @@ def report(model: torch.nn.Module, config: ChipmunkConfig | None = None) -> Repo
             continue
         rows.extend(_rows(state, names))
         notes.extend(p.note for p in state.plans if p.note)
+        offloaded = state.offloader.summary() if state.offloader is not None else None
+        if offloaded:
+            notes.append(offloaded)
     if len(configs) > 1:
         notes.append(f"this module was compiled with {len(configs)} chipmunk configurations; showing "
                      "the one that ran last (pass config= for another)")

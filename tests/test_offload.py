@@ -23,6 +23,8 @@ def test_offloaded_caches_give_the_same_outputs():
         locations = {r.cache_location for r in rows if r.sparse_calls}
         assert locations == ({"cpu (pinned)"} if mode == "always" else {"cuda:0"}), locations
         assert all(r.sparse_calls > 0 for r in rows[1:])
+        pinned_note = [n for n in chipmunk_compile.report(compiled).notes if "pinned CPU memory" in n]
+        assert len(pinned_note) == (mode == "always"), pinned_note
     torch.testing.assert_close(outs["always"], outs["never"], atol=0, rtol=0)
 
 
