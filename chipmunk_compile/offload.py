@@ -47,6 +47,49 @@ def check_host_memory(nbytes: int, available: int | None, offloaded: int) -> Non
     )
 
 
+_LOW_BIAS = 1 << 15  # int16 holds the low 16 bits of an index shifted by this (no out-of-range cast)
+
+
+def pack_indices_(indices: torch.Tensor, n_keys: int) -> dict[str, torch.Tensor]:
+    """Key indices (..., K) int32 in [0, n_keys) in fewer bytes, for the host copy of an attention cache.
+
+    Up to 2**16 keys: the low 16 bits as int16 (2 bytes per index); up to 2**17 (HunyuanVideo at 720p/129
+    frames, Wan at 720p/81 frames): also bit 16, packed 8 per byte along K (2.125 bytes); more keys: int32
+    as is. Entries past a group's count are never read and may hold anything (they do not round-trip).
+    Works in place on ``indices`` (overwritten unless returned as is): it runs when the GPU is nearly
+    full, so it makes no int32 temporaries.
+
+    Returns {"lo": (..., K) int16, "hi": (..., ceil(K / 8)) uint8} (``hi`` only when needed), or
+    {"indices": indices}.
+    """
+    if n_keys > 1 << 17:
+        return {"indices": indices}
+    packed = {}
+    if n_keys > 1 << 16:
+        k = indices.shape[-1]
+        hi = (indices >= 1 << 16).view(torch.uint8)  # bit 16 of every index in [0, 2**17)
+        if k % 8:
+            hi = torch.nn.functional.pad(hi, (0, -k % 8))
+        weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=indices.device)
+        packed["hi"] = hi.view(*indices.shape[:-1], -1, 8).mul_(weights).sum(-1, dtype=torch.uint8)
+    packed["lo"] = indices.bitwise_and_(0xFFFF).sub_(_LOW_BIAS).to(torch.int16)
+    return packed
+
+
+def unpack_indices(packed: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The int32 indices (..., K) :func:`pack_indices_` packed (on the device of ``packed``'s tensors)."""
+    if "indices" in packed:
+        return packed["indices"]
+    lo = packed["lo"]
+    indices = lo.to(torch.int32).add_(_LOW_BIAS)
+    hi = packed.get("hi")
+    if hi is not None:
+        shifts = torch.arange(8, dtype=torch.uint8, device=hi.device)
+        bits = ((hi.unsqueeze(-1) >> shifts) & 1).view(*hi.shape[:-1], -1)[..., : lo.shape[-1]]
+        indices.bitwise_or_(bits.to(torch.int32).bitwise_left_shift_(16))
+    return indices
+
+
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in page-locked memory of exactly its size.
 
@@ -89,6 +132,7 @@ class CacheOffloader:
         self._position: dict[Any, int] = {}
         self._host: dict[Any, dict[str, torch.Tensor]] = {}  # pinned buffers, reused across dense steps
         self._inflight: dict[Any, tuple[dict[str, torch.Tensor], torch.cuda.Event]] = {}
+        self._decode: dict[Any, Any] = {}
         self.bytes_offloaded = 0
         self.pin_seconds = 0.0  # host time spent allocating and page-locking buffers (first dense steps)
 
@@ -100,8 +144,13 @@ class CacheOffloader:
             self._position[key] = len(self.order)
             self.order.append(key)
 
-    def store(self, key: Any, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy ``tensors`` (GPU) into this key's pinned buffers; the GPU tensors may be dropped after."""
+    def store(self, key: Any, tensors: dict[str, torch.Tensor], decode: Any = None) -> None:
+        """Copy ``tensors`` (GPU) into this key's pinned buffers; the GPU tensors may be dropped after.
+
+        ``decode``: optional function from the copied-in dict to the dict :meth:`fetch` returns; it runs on
+        the side stream right after the copy (so a prefetch hides it too).
+        """
+        self._decode[key] = decode
         host = self._host.get(key)
         if host is None or any(host[n].shape != t.shape or host[n].dtype != t.dtype for n, t in tensors.items()):
             if host is not None:  # new shapes: the old buffers go, after any copy still reading them
@@ -155,6 +204,9 @@ class CacheOffloader:
         host = self._host[key]
         with torch.cuda.stream(self.stream):
             tensors = {n: h.to(self.device, non_blocking=True) for n, h in host.items()}
+            decode = self._decode.get(key)
+            if decode is not None:
+                tensors = decode(tensors)
             event = torch.cuda.Event()
             event.record(self.stream)
         return tensors, event

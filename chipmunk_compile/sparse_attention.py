@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from chipmunk_compile.config import AttentionConfig
 from chipmunk_compile.kernels import attention_colsum as colsum_kernels
 from chipmunk_compile.kernels import column_sparse_attention as csa_kernels
+from chipmunk_compile.offload import pack_indices_, unpack_indices
 from chipmunk_compile.selection import column_budget, select_columns
 from chipmunk_compile.state import CallContext, SiteState
 
@@ -47,8 +48,14 @@ class AttentionCache:
         """(cache, indices) on the compute device."""
         if not self.offloaded:
             return self.cache, self.indices
-        fetched = offloader.fetch(key)
+        fetched = offloader.fetch(key)  # the indices come back unpacked (store's decode)
         return fetched["cache"], fetched["indices"]
+
+
+def _unpack_fetched(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An offloaded entry as copied back ({"cache", packed index parts}) -> {"cache", "indices"}."""
+    cache = tensors.pop("cache")
+    return {"cache": cache, "indices": unpack_indices(tensors)}
 
 
 def key_bias_from_mask(mask: torch.Tensor | None, batch: int, heads: int, sk: int) -> torch.Tensor | None:
@@ -190,7 +197,10 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
         entry.counts, entry.index_shape = counts, tuple(indices.shape)
         nbytes = cache.numel() * cache.element_size() + indices.numel() * 4
         if offloader is not None and ctx.state.should_offload(nbytes, q.device):
-            offloader.store(okey, {"cache": cache, "indices": indices})
+            # host copies keep the indices in 2-2.125 bytes each where the key count allows (Wan at 81 frames
+            # did not fit the 128 GB host with int32 ones)
+            packed = pack_indices_(indices, sk)  # indices are not used after this
+            offloader.store(okey, {"cache": cache, **packed}, decode=_unpack_fetched)
             entry.cache, entry.indices, entry.offloaded = None, None, True
         else:
             entry.cache, entry.indices, entry.offloaded = cache, indices, False

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import chipmunk_compile
+from chipmunk_compile.offload import pack_indices_, unpack_indices
 from chipmunk_compile.testing import TinyDiT, denoise
 
 OPTS = {"attention.keep": 0.2, "attention.first_dense_layers": 1, "mlp.first_dense_layers": 1,
@@ -120,3 +121,26 @@ def test_pinned_empty_is_pinned_and_copies_asynchronously():
     back = h.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert torch.equal(back, src)
+
+
+PACK_CASES = [(300, {"lo"}, 2), (70000, {"lo", "hi"}, 2.125), (1 << 17, {"lo", "hi"}, 2.125),
+              ((1 << 17) + 1, {"indices"}, 4)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize(("n_keys", "parts", "nbytes"), PACK_CASES)
+def test_packed_indices_round_trip(n_keys, parts, nbytes, device):
+    """Host copies of the key indices: int16 low bits (+ bit 16 packed 8 per byte) where the key count allows,
+    exact for every index in range, including the extremes; the packing works in place."""
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, n_keys, (2, 3, 5, 24), generator=gen, dtype=torch.int32).to(device)
+    idx[0, 0, 0, :2] = torch.tensor([0, n_keys - 1])
+    want = idx.clone()
+    packed = pack_indices_(idx, n_keys)
+    assert set(packed) == parts
+    assert sum(t.numel() * t.element_size() for t in packed.values()) == nbytes * want.numel()
+    assert torch.equal(unpack_indices(packed), want)
+    # K not a multiple of 8: the bit plane is padded
+    odd = torch.randint(0, n_keys, (4, 13), generator=gen, dtype=torch.int32).to(device)
+    assert torch.equal(unpack_indices(pack_indices_(odd.clone(), n_keys)), odd)
