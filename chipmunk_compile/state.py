@@ -300,9 +300,9 @@ class ModelState:
         """Whether a new cache of ``nbytes`` goes to pinned CPU memory (sticky once "auto" turns it on)."""
         if not self.offload_active and self.config.offload == "auto":
             free, _ = torch.cuda.mem_get_info(device)
-            # blocks PyTorch's caching allocator holds but does not use are free for our caches too (Wan at 81
-            # frames: the driver reported 3.7 GB free while tensors held 35 GB of 80)
-            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            # Only what the driver reports: blocks the caching allocator holds unused are often fragments of
+            # segments that also hold live tensors, so they cannot be released (counting them as free, Wan at 81
+            # frames ran out of GPU memory with 14 GB of them reserved; git 647329f)
             if free - nbytes < self.config.offload_reserve_gb * 2**30:
                 log.warning("chipmunk: GPU memory is short (%.1f GB free); attention caches of this model go "
                             "to pinned CPU memory from now on", free / 2**30)
