@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,7 @@ __all__ = [
     "fast_path_reason",
     "hooks_active",
     "launch_key",
+    "normal_path_stats",
     "ordered_args",
     "param_layout",
     "tensor_key",
@@ -232,6 +234,8 @@ class CachedLauncher:
         self._entries: dict[Hashable, _Entry | object] = {}
         self._device_fn: Any = None
         self._stream_fn: Any = None
+        self.normal_seconds = 0.0  # host time of normal-path launches: Triton's compiles (or cache loads) mostly
+        _LAUNCHERS.append(self)
 
     def clear(self) -> None:
         """Forget every cached key (the next launch of each takes the normal path)."""
@@ -270,7 +274,9 @@ class CachedLauncher:
             options["num_warps"] = num_warps
         if num_stages is not None:
             options["num_stages"] = num_stages
+        start = time.perf_counter()
         compiled_kernel = self.kernel[grid](*args, **constexprs, **options)
+        self.normal_seconds += time.perf_counter() - start
         self.normal_launches += 1
         if key is not None and not hooks_active():
             self._record(key, args, constexprs, compiled_kernel)
@@ -347,6 +353,16 @@ class CachedLauncher:
                 f"specialized as {compiled.specialization}, these arguments as {spec}: the caller's signature "
                 "misses an argument Triton specializes on"
             )
+
+
+_LAUNCHERS: list[CachedLauncher] = []  # every launcher of this process (module-level, one per kernel)
+
+
+def normal_path_stats() -> tuple[int, float]:
+    """(launches, seconds) of every CachedLauncher's normal path in this process: the first launch of each
+    kernel variant compiles it (or loads it from Triton's disk cache), later ones cost tens of µs, so the
+    seconds are mostly Triton's compile time (first-call cost, part of what a user sees as compile time)."""
+    return sum(x.normal_launches for x in _LAUNCHERS), sum(x.normal_seconds for x in _LAUNCHERS)
 
 
 def tensor_signature(t: torch.Tensor) -> tuple[Any, ...]:
