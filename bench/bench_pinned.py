@@ -12,17 +12,23 @@ import torch
 
 from chipmunk_compile.offload import pinned_empty
 
-torch.cuda.init()
-gb = 8
-for prefault in (False, True, False, True):
-    start = time.perf_counter()
-    t = pinned_empty((gb << 30,), torch.uint8, prefault=prefault)
-    secs = time.perf_counter() - start
-    d = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    torch.cuda.synchronize()
-    s2 = time.perf_counter()
-    t[: 1 << 30].copy_(d, non_blocking=True)
-    torch.cuda.synchronize()
-    print(f"pinned_empty {gb} GB prefault={prefault}: {secs:.2f} s ({gb / secs:.1f} GB/s); "
-          f"1 GB D2H {1 / (time.perf_counter() - s2):.1f} GB/s; threads {torch.get_num_threads()}", flush=True)
-    del t, d
+
+def main() -> None:
+    torch.cuda.init()
+    gb = 8
+    for prefault in (False, True, False, True):
+        start = time.perf_counter()
+        t = pinned_empty((gb << 30,), torch.uint8, prefault=prefault)
+        secs = time.perf_counter() - start
+        d = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+        torch.cuda.synchronize()
+        s2 = time.perf_counter()
+        t[: 1 << 30].copy_(d, non_blocking=True)
+        torch.cuda.synchronize()
+        print(f"pinned_empty {gb} GB prefault={prefault}: {secs:.2f} s ({gb / secs:.1f} GB/s); "
+              f"1 GB D2H {1 / (time.perf_counter() - s2):.1f} GB/s; threads {torch.get_num_threads()}", flush=True)
+        del t, d
+
+
+if __name__ == "__main__":
+    main()

@@ -95,12 +95,11 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, prefault: bool = Tr
 
     ``torch.empty(..., pin_memory=True)`` goes through PyTorch's caching host allocator, which rounds each
     block up to a power of two: a 730 MB cache pins 1 GB, and tens of sites pin up to ~1.4x what they hold.
-    Here ordinary host memory is page-locked in place with ``cudaHostRegister`` (after ``prefault`` touches
-    its pages on all cores); copies from and to it are
-    asynchronous like any pinned tensor's. When the returned tensor object is collected, the device is
-    synchronised (no copy may still read it) and the range unregistered before the memory is freed: callers
-    must not keep views of it beyond the tensor. Falls back to the caching allocator where registration is
-    unavailable or fails.
+    Here ordinary host memory is page-locked in place with ``cudaHostRegister``, after ``prefault`` has
+    touched its pages on all cores; copies from and to it are asynchronous like any pinned tensor's. When the
+    returned tensor object is collected, the device is synchronised (no copy may still read it) and the range
+    unregistered before the memory is freed: callers must not keep views of it beyond the tensor. Falls back
+    to the caching allocator where registration is unavailable or fails.
     """
     t = torch.empty(shape, dtype=dtype)
     nbytes = t.numel() * t.element_size()
@@ -181,7 +180,8 @@ class CacheOffloader:
         if not self.bytes_offloaded:
             return None
         return (f"{self.bytes_offloaded / 2**30:.1f} GB of attention caches in pinned CPU memory "
-                f"({len(self._host)} site calls; page-locking it took {self.pin_seconds:.1f} s, once)")
+                f"({len(self._host)} cache entries, one per site and CFG stream; page-locking it took "
+                f"{self.pin_seconds:.1f} s, once)")
 
     def has(self, key: Any) -> bool:
         return key in self._host

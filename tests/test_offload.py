@@ -132,7 +132,8 @@ PACK_CASES = [(300, {"lo"}, 2), (70000, {"lo", "hi"}, 2.125), (1 << 17, {"lo", "
 @pytest.mark.parametrize(("n_keys", "parts", "nbytes"), PACK_CASES)
 def test_packed_indices_round_trip(n_keys, parts, nbytes, device):
     """Host copies of the key indices: int16 low bits (+ bit 16 packed 8 per byte) where the key count allows,
-    exact for every index in range, including the extremes; the packing works in place."""
+    exact for every index in range, including the extremes (the packing overwrites its input: the test keeps a
+    copy)."""
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, n_keys, (2, 3, 5, 24), generator=gen, dtype=torch.int32).to(device)
     idx[0, 0, 0, :2] = torch.tensor([0, n_keys - 1])
