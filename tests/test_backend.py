@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -125,3 +126,35 @@ def test_report_of_a_module_compiled_with_two_configs_shows_the_latest():
     assert any("2 chipmunk configurations" in n for n in report.notes)
     first = chipmunk_compile.ChipmunkConfig().with_overrides({"attention.keep": 0.5})
     assert len(chipmunk_compile.report(compiled, config=first).by_kind("attention", "rewritten")) == 2
+
+
+@pytest.mark.parametrize("layer", ["fc1", "fc2"])
+def test_weights_changed_in_place_mid_generation_drop_the_mlp_caches(layer):
+    """A LoRA fused in place (into W1, the site's key, or into W2 alone) must not leave sparse steps mixing
+    caches of the old weights with deltas of the new ones: the next call recomputes densely, exactly."""
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(16, 64)
+            self.fc2 = torch.nn.Linear(64, 16)
+
+        def forward(self, x, timestep):
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+    torch.manual_seed(0)
+    model = Mlp().eval()
+    compiled = torch.compile(model, backend="chipmunk",
+                             options={"mlp.first_dense_layers": 0, "mlp.first_dense_steps": 1, "mlp.keep": 0.25,
+                                      "mlp.random_keep": 0.0, "mlp.block": 64})
+    x = torch.randn(1, 128, 16)
+    with torch.no_grad():
+        compiled(x, torch.tensor([900.0]))  # dense step: caches
+        compiled(x + 0.1 * torch.randn_like(x), torch.tensor([800.0]))  # sparse step
+        getattr(model, layer).weight.add_(0.05 * torch.randn_like(getattr(model, layer).weight))
+        x3 = x + 0.2 * torch.randn_like(x)
+        got = compiled(x3, torch.tensor([700.0]))
+        want = model(x3, torch.tensor([700.0]))
+    (site,) = chipmunk_compile.report(compiled).by_kind("mlp", "rewritten")
+    assert site.dense_calls == 2 and site.sparse_calls == 1, (site.dense_calls, site.sparse_calls)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
