@@ -20,6 +20,7 @@ if hasattr(torch._C._nn, "silu"):
 DROPOUT_TARGETS = {F.dropout, torch.dropout}
 PASSTHROUGH_METHODS = {"contiguous", "clone"}
 MUL_TARGETS = {operator.mul, torch.mul, "mul"}
+ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 CAT_TARGETS = {torch.cat, torch.concat, torch.concatenate}
 
 

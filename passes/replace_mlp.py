@@ -14,10 +14,12 @@ reason recorded.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
 from chipmunk_compile.passes.graph_utils import (
+    ADD_TARGETS,
     CAT_TARGETS,
     DROPOUT_TARGETS,
     GELU_TARGETS,
@@ -98,6 +100,8 @@ def match_mlp(act: fx.Node) -> tuple[_Match | None, str]:
         dim = arg(chunk, 2, "dim", 0)
         fc1 = chunk.args[0]
         fv = value(fc1)
+        if _linear_plus_branch(fc1):
+            return None, f"gated pre-activation is a linear plus another branch ({_ADAPTER_HINT})"
         if parts != 2 or fv is None or dim not in (-1, fv.dim() - 1) or not is_call(fc1, LINEAR_TARGETS):
             return None, "gated form needs linear -> chunk(2, dim=-1)"
         if len(fc1.users) != 1:
@@ -112,6 +116,8 @@ def match_mlp(act: fx.Node) -> tuple[_Match | None, str]:
             return None, "gated halves are used elsewhere"
         m.fc1, m.gated, m.out = fc1, True, mul
         m.chain = [first[0], h, chunk]
+    elif _linear_plus_branch(h):
+        return None, f"pre-activation is a linear plus another branch ({_ADAPTER_HINT})"
     else:
         return None, "activation input is not produced by a linear"
     m.x = arg(m.fc1, 0, "input")
@@ -119,6 +125,8 @@ def match_mlp(act: fx.Node) -> tuple[_Match | None, str]:
     while True:
         user = _only_user(node)
         if user is None:
+            if len(node.users) == 2 and all(is_call(u, LINEAR_TARGETS) for u in node.users):
+                return None, f"activation output escapes the pattern: it feeds two linears ({_ADAPTER_HINT})"
             return None, f"activation output escapes the pattern ({len(node.users)} users)"
         if _is_identity_dropout(user) or (user.op == "call_method" and user.target in PASSTHROUGH_METHODS):
             m.chain.append(user)
@@ -169,7 +177,7 @@ def replace_mlp(gm: fx.GraphModule, cfg: MlpConfig, plan: Plan) -> int:
             continue
         m, reason = match_mlp(act)
         h = arg(act, 0, "input")
-        producer = h if is_call(h, LINEAR_TARGETS) else act  # the first linear names the MLP best
+        producer = _first_linear(h) or act  # the first linear names the MLP best
         record = SiteRecord(kind="mlp", status="dense", name=module_path(producer) or module_path(act) or act.name,
                             uid=plan.next_uid())
         if m is None:
@@ -211,14 +219,34 @@ def _tokens(xv) -> int | None:
     return n
 
 
-def _is_mlp_like(act: fx.Node) -> bool:
-    """Whether a rejected activation looked like an MLP (fed by a linear, directly or via chunk)."""
-    h = arg(act, 0, "input")
+# An adapter kept beside a linear (PEFT's LoRA layers before fusing) computes linear(x) + scale * B(A(x)):
+# the MLP's weights are then not single tensors. Fusing folds the branch into the weight.
+_ADAPTER_HINT = "an unfused LoRA or adapter? fuse it into the weights, e.g. pipe.fuse_lora(), to make this MLP sparse"
+
+
+def _linear_plus_branch(h: Any) -> bool:
+    """Whether ``h`` is ``linear(...) + something`` (either order), the shape of an unfused adapter."""
+    if not is_call(h, ADD_TARGETS):  # call_function operator.add / torch.add, or call_method add / add_
+        return False
+    return any(is_call(a, LINEAR_TARGETS) for a in h.args[:2] if isinstance(a, fx.Node))
+
+
+def _first_linear(h: Any) -> fx.Node | None:
+    """The linear that produces an activation's input ``h``: h itself, the base linear of an adapter sum, or
+    (gated forms) the linear under ``chunk``; None if there is none."""
+    if isinstance(h, fx.Node) and h.target is operator.getitem and isinstance(h.args[0], fx.Node) and h.args[0].args:
+        h = h.args[0].args[0]
     if is_call(h, LINEAR_TARGETS):
-        return True
-    return isinstance(h, fx.Node) and h.target is operator.getitem and isinstance(h.args[0], fx.Node) and (
-        is_call(h.args[0].args[0] if h.args[0].args else None, LINEAR_TARGETS)
-    )
+        return h
+    if _linear_plus_branch(h):
+        return next(a for a in h.args[:2] if is_call(a, LINEAR_TARGETS))
+    return None
+
+
+def _is_mlp_like(act: fx.Node) -> bool:
+    """Whether a rejected activation looked like an MLP (fed by a linear, directly or via chunk, or by a linear
+    plus an adapter branch)."""
+    return _first_linear(arg(act, 0, "input")) is not None
 
 
 def _rewrite(gm: fx.GraphModule, m: _Match, uid: int, f: int) -> set[fx.Node]:

@@ -154,6 +154,45 @@ def test_escaping_mlp_intermediates_stay_dense(mode, reason):
     assert counters["chipmunk"]["mlp_rewritten"] == 0
 
 
+class _LoraLinear(nn.Module):
+    """A linear with an unfused low-rank adapter beside it, as PEFT's LoRA layers compute before fusing."""
+
+    def __init__(self, i, o, r=4):
+        super().__init__()
+        self.base, self.lora_a, self.lora_b = nn.Linear(i, o), nn.Linear(i, r, bias=False), nn.Linear(r, o, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + 0.5 * self.lora_b(self.lora_a(x))
+
+
+@pytest.mark.parametrize(("where", "reason"), [("fc1", "a linear plus another branch"), ("fc2", "feeds two linears"),
+                                              ("gated", "gated pre-activation is a linear plus")])
+def test_unfused_lora_mlp_stays_dense_and_says_how_to_fix_it(where, reason):
+    """An adapter beside either linear leaves the MLP dense (its weights are not single tensors); the report
+    names the layer and suggests fusing the adapter, and the output is the dense one."""
+
+    class Lora(nn.Module):
+        def __init__(self):
+            super().__init__()
+            width = 128 if where == "gated" else 64  # gated: [u | g], a = u * gelu(g) (GEGLU)
+            self.fc1 = _LoraLinear(32, width) if where in ("fc1", "gated") else nn.Linear(32, width)
+            self.fc2 = _LoraLinear(64, 32) if where == "fc2" else nn.Linear(64, 32)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            if where == "gated":
+                u, g = h.chunk(2, dim=-1)
+                return self.fc2(u * F.gelu(g))
+            return self.fc2(F.gelu(h, approximate="tanh"))
+
+    model = Lora().eval()
+    x = torch.randn(2, 10, 32)
+    site = _only(_compile_and_report(model, x), "mlp")
+    assert site.status == "dense" and reason in site.reason and "fuse_lora" in site.reason, site.reason
+    assert site.name.startswith("fc1"), site.name
+    assert counters["chipmunk"]["mlp_rewritten"] == 0
+
+
 def test_concat_single_stream_mlp_splits_the_output_weight():
     class Single(nn.Module):
         def __init__(self):
