@@ -21,6 +21,7 @@ DROPOUT_TARGETS = {F.dropout, torch.dropout}
 PASSTHROUGH_METHODS = {"contiguous", "clone"}
 MUL_TARGETS = {operator.mul, torch.mul, "mul"}
 ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+DIV_TARGETS = {operator.truediv, torch.div, "div"}
 CAT_TARGETS = {torch.cat, torch.concat, torch.concatenate}
 
 

@@ -21,6 +21,7 @@ import torch.fx as fx
 from chipmunk_compile.passes.graph_utils import (
     ADD_TARGETS,
     CAT_TARGETS,
+    DIV_TARGETS,
     DROPOUT_TARGETS,
     GELU_TARGETS,
     LINEAR_TARGETS,
@@ -225,10 +226,18 @@ _ADAPTER_HINT = "an unfused LoRA or adapter? fuse it into the weights, e.g. pipe
 
 
 def _linear_plus_branch(h: Any) -> bool:
-    """Whether ``h`` is ``linear(...) + something`` (either order), the shape of an unfused adapter."""
+    """Whether ``h`` is ``linear(x) + branch`` (either order) with the branch a linear, possibly scaled: the
+    shape of an unfused adapter (``base(x) + scale * B(A(x))``), not, say, a separately added bias."""
     if not is_call(h, ADD_TARGETS):  # call_function operator.add / torch.add, or call_method add / add_
         return False
-    return any(is_call(a, LINEAR_TARGETS) for a in h.args[:2] if isinstance(a, fx.Node))
+    a, b = (h.args[:2] + (None, None))[:2]
+    if not is_call(a, LINEAR_TARGETS):
+        a, b = b, a
+    if not is_call(a, LINEAR_TARGETS):
+        return False
+    if is_call(b, MUL_TARGETS) or is_call(b, DIV_TARGETS):  # scale * B(A(x)), B(A(x)) * scale, B(A(x)) / r
+        b = next((t for t in b.args[:2] if isinstance(t, fx.Node)), None)
+    return is_call(b, LINEAR_TARGETS)
 
 
 def _first_linear(h: Any) -> fx.Node | None:

@@ -193,6 +193,20 @@ def test_unfused_lora_mlp_stays_dense_and_says_how_to_fix_it(where, reason):
     assert counters["chipmunk"]["mlp_rewritten"] == 0
 
 
+def test_separately_added_bias_is_not_called_an_adapter():
+    class BiasAfter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(32, 64, bias=False), nn.Linear(64, 32)
+            self.b1 = nn.Parameter(torch.randn(64))
+
+        def forward(self, x):
+            return self.fc2(F.gelu(self.fc1(x) + self.b1, approximate="tanh"))
+
+    report = _compile_and_report(BiasAfter().eval(), torch.randn(2, 10, 32))
+    assert not report.by_kind("mlp", "rewritten") and "LoRA" not in str(report), str(report)
+
+
 def test_concat_single_stream_mlp_splits_the_output_weight():
     class Single(nn.Module):
         def __init__(self):
