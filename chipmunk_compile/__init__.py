@@ -32,6 +32,8 @@ __all__ = [
 
 
 def reset(model: torch.nn.Module) -> None:
-    """Start a new generation at the next call of ``model`` and free its caches."""
+    """Start a new generation at the next call of ``model`` and free its caches (attention and MLP caches and
+    selections; the per-site transposed W2 copies and pinned host buffers stay for the next generation, and go
+    with the model)."""
     for state in states_of(getattr(model, "_orig_mod", model)):
         state.reset()
