@@ -71,7 +71,7 @@ def attention(
     if ctx is None:
         _LAST_STATS.set(None)
         return sparse_attention.dense_attention(q, k, v, attn_mask, scale, enable_gqa)
-    site = ctx.state.site("attention", site_uid, site_key)
+    site = ctx.state.site("attention", site_uid, site_key, ctx.info)
     out = sparse_attention.run_attention(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start, text_len)
     _LAST_STATS.set(site.stats)
     return out
@@ -111,7 +111,7 @@ def mlp(
         _LAST_STATS.set(None)
         _, a = sparse_mlp.hidden_activation(x, w1, b1, activation, gated)
         return F.linear(a, w2.narrow(1, w2_offset, w2_width), b2).contiguous()
-    site = ctx.state.site("mlp", site_uid, w1)
+    site = ctx.state.site("mlp", site_uid, w1, ctx.info)
     out = sparse_mlp.run_mlp(ctx, site, x, w1, b1, w2, b2, activation, gated, w2_offset, w2_width)
     _LAST_STATS.set(site.stats)
     return out

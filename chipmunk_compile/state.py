@@ -249,7 +249,8 @@ class ModelState:
         self.forward_t_ref: Any = None  # weakref to the timestep tensor whose value is forward_t
         self.forward_seen: set[tuple[int, int]] = set()
         self.plans: list[Any] = []
-        self._sites: dict[tuple[int, int], SiteState] = {}
+        self._sites: dict[tuple, SiteState] = {}
+        self._last_use: dict[tuple, tuple[tuple[int, int, int], int]] = {}  # ident -> (last call, repeat)
         self._ordinals: dict[str, int] = {"attention": 0, "mlp": 0}
         self.offloader: Any = None
         self.offload_active = config.offload == "always"
@@ -265,14 +266,25 @@ class ModelState:
         if all(p is not plan for p in self.plans):
             self.plans.append(plan)
 
-    def site(self, kind: str, uid: int, key: torch.Tensor | None) -> SiteState:
+    def site(self, kind: str, uid: int, key: torch.Tensor | None, info: StepInfo | None = None) -> SiteState:
         """The state of the site with weight ``key`` (or, without a weight, graph position ``uid``).
 
         Keying by the weight, not the graph position, keeps a layer's caches when Dynamo recompiles
         the graph that contains it (a more general graph for the second block under regional
         compilation, dynamic shapes after a resolution change).
+
+        ``info``: the call's place in the loop. A weight used again in the same forward (same generation,
+        step and stream: a module applied twice, weight tying) is another site, with its own caches: keyed by
+        the weight alone, the second use would run on the first one's caches.
         """
-        ident = (kind, id(key)) if key is not None else (kind, -uid)
+        ident: tuple = (kind, id(key)) if key is not None else (kind, -uid)
+        if info is not None:
+            call = (info.generation, info.step, info.stream)
+            last, repeat = self._last_use.get(ident, (None, 0))
+            repeat = repeat + 1 if last == call else 0
+            self._last_use[ident] = (call, repeat)
+            if repeat:
+                ident = (*ident, repeat)
         site = self._sites.get(ident)
         if site is not None and key is not None and site.key is not key:
             site = None  # the id was reused by a new tensor

@@ -158,3 +158,49 @@ def test_weights_changed_in_place_mid_generation_drop_the_mlp_caches(layer):
     (site,) = chipmunk_compile.report(compiled).by_kind("mlp", "rewritten")
     assert site.dense_calls == 2 and site.sparse_calls == 1, (site.dense_calls, site.sparse_calls)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_module_applied_twice_per_forward_gets_two_sites():
+    """Weight tying / one MLP module called twice in a forward: each use keeps its own caches. Keyed by the
+    weight alone, the second use ran on the first one's caches (error ~ the output's size at sparse steps);
+    now the result equals that of a model with two separate, identical modules."""
+    import copy
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+        def forward(self, x):
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+    class Twice(torch.nn.Module):
+        def __init__(self, shared: bool):
+            super().__init__()
+            self.a = Mlp()
+            self.b = self.a if shared else copy.deepcopy(self.a)
+
+        def forward(self, x, y, timestep):
+            return self.a(x) + self.b(y)
+
+    opts = {"mlp.first_dense_layers": 0, "mlp.first_dense_steps": 1, "mlp.keep": 0.25, "mlp.random_keep": 0.0,
+            "mlp.block": 64}
+    torch.manual_seed(0)
+    shared = Twice(shared=True).eval()
+    separate = Twice(shared=False).eval()
+    separate.a.load_state_dict(shared.a.state_dict())
+    separate.b.load_state_dict(shared.a.state_dict())
+    outs = {}
+    for name, model in (("shared", shared), ("separate", separate)):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="chipmunk", options=opts)
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(1, 128, 16, generator=gen), 3 * torch.randn(1, 128, 16, generator=gen)
+        with torch.no_grad():
+            outs[name] = [compiled(x + 0.05 * i * torch.randn(x.shape, generator=gen),
+                                   y + 0.05 * i * torch.randn(y.shape, generator=gen), torch.tensor([900.0 - 100 * i]))
+                          for i in range(3)]
+        rows = chipmunk_compile.report(compiled).by_kind("mlp", "rewritten")
+        assert len(rows) == 2 and all(r.dense_calls == 1 and r.sparse_calls == 2 for r in rows), str(rows)
+    for got, want in zip(outs["shared"], outs["separate"]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
