@@ -156,8 +156,8 @@ class SiteState:
         self.uid = uid
         self.ordinal = ordinal
         self._key_ref = weakref.ref(key) if key is not None else None
-        self._fingerprint = _fingerprint(key) if key is not None else None
-        self._watched: dict[str, tuple[int, int, float]] = {}  # fingerprints of other weights (see watch)
+        # fingerprints of the weights the caches and weight_copies derive from: the key, and others (see watch)
+        self._watched: dict[str, tuple[int, int, float]] = {"key": _fingerprint(key)} if key is not None else {}
         self.caches: dict[int, Any] = {}
         self.weight_copies: dict[str, torch.Tensor] = {}  # derived layouts of the site's weights
         # Host-side decisions that depend only on shapes/dtypes/layouts, made once per signature:
@@ -172,29 +172,24 @@ class SiteState:
         return self._key_ref() if self._key_ref is not None else None
 
     def check_weights(self, key: torch.Tensor | None) -> None:
-        """Drop the caches when the weight values changed (not merely moved)."""
-        if key is None or self._fingerprint is None:
-            return
-        self._fingerprint = self._refresh(self._fingerprint, key, "key")
+        """Drop the caches when the key weight's values changed (not merely moved)."""
+        if key is not None and "key" in self._watched:
+            self.watch("key", key)
 
     def watch(self, name: str, weight: torch.Tensor) -> None:
-        """Like :meth:`check_weights` for another weight the site's caches or ``weight_copies`` derive from
-        (the MLP's W2: a LoRA fused into the second linear alone leaves the key, W1, unchanged). Costs two
-        attribute reads per call while the weight is unchanged."""
+        """Drop every cache and derived copy when ``weight``'s values changed (not merely moved): the key
+        (:meth:`check_weights`), or another weight they derive from (the MLP's W2: a LoRA fused into the second
+        linear alone leaves the key, W1, unchanged). Two attribute reads per call while it is unchanged."""
         old = self._watched.get(name)
-        self._watched[name] = _fingerprint(weight) if old is None else self._refresh(old, weight, name)
-
-    def _refresh(self, old: tuple[int, int, float], weight: torch.Tensor, name: str) -> tuple[int, int, float]:
-        """The fingerprint of ``weight`` now; drops every cache and derived copy if its values changed."""
-        if weight.data_ptr() == old[0] and weight._version == old[1]:
-            return old
-        new = _fingerprint(weight)  # moved or written in place: compare a sample of the values (a device sync)
-        if new[2] != old[2]:
+        if old is not None and weight.data_ptr() == old[0] and weight._version == old[1]:
+            return
+        new = _fingerprint(weight)  # new, moved or written in place: compare a sample of the values (a device sync)
+        if old is not None and new[2] != old[2]:
             log.info("chipmunk: weights (%s) of %s site %d changed; caches dropped", name, self.kind, self.ordinal)
             self.caches.clear()
             self.weight_copies.clear()
             self.launch_checks.clear()
-        return new
+        self._watched[name] = new
 
     def launch_check(self, signature: tuple, decide: Any) -> list:
         """[reason the Triton path cannot run, or None] for a call ``signature`` (a one-item list the caller
