@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -127,18 +128,28 @@ def _unregister(cudart: Any, ptr: int) -> None:
 
 
 class CacheOffloader:
-    """Per-model offload of read-only per-site tensors (CUDA only)."""
+    """Per-model offload of read-only per-site tensors (CUDA only).
 
-    def __init__(self, device: torch.device) -> None:
+    A key's first store (or one with new shapes) allocates and page-locks its host buffers on a helper
+    thread, which then enqueues the copy out: the caller goes on enqueuing GPU work meanwhile (page-locking
+    took seconds per ten GB on the H100 host, and the GPU idled through it when the caller did it). The
+    helper holds the GPU tensors until the copy is enqueued (``record_stream`` keeps their memory until it
+    has run); at most ``max_pending`` such stores wait at a time, so the GPU memory they hold stays bounded.
+    """
+
+    def __init__(self, device: torch.device, max_pending: int = 2) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.order: list[Any] = []  # (site, stream) keys in the order of the last forward
         self._position: dict[Any, int] = {}
         self._host: dict[Any, dict[str, torch.Tensor]] = {}  # pinned buffers, reused across dense steps
+        self._pinning: dict[Any, Future] = {}  # keys whose buffers the helper thread is still making
+        self._pool: ThreadPoolExecutor | None = None
+        self.max_pending = max_pending
         self._inflight: dict[Any, tuple[dict[str, torch.Tensor], torch.cuda.Event]] = {}
         self._decode: dict[Any, Any] = {}
         self.bytes_offloaded = 0
-        self.pin_seconds = 0.0  # host time spent allocating and page-locking buffers (first dense steps)
+        self.pin_seconds = 0.0  # helper-thread time spent allocating and page-locking buffers (first dense steps)
 
     def note_use(self, key: Any) -> None:
         """Record the call order: a key seen again starts a new pass over the order."""
@@ -155,39 +166,71 @@ class CacheOffloader:
         the side stream right after the copy (so a prefetch hides it too).
         """
         self._decode[key] = decode
+        self._resolve(key)
+        self._inflight.pop(key, None)  # a prefetch of the old contents is stale
         host = self._host.get(key)
         if host is None or any(host[n].shape != t.shape or host[n].dtype != t.dtype for n, t in tensors.items()):
             if host is not None:  # new shapes: the old buffers go, after any copy still reading them
                 self.stream.synchronize()
-                self._inflight.pop(key, None)
+                del self._host[key]
                 self.bytes_offloaded -= sum(h.numel() * h.element_size() for h in host.values())
-            check_host_memory(sum(t.numel() * t.element_size() for t in tensors.values()), host_available_bytes(),
-                              self.bytes_offloaded)
-            start = time.perf_counter()
-            host = {n: pinned_empty(tuple(t.shape), t.dtype) for n, t in tensors.items()}
-            self.pin_seconds += time.perf_counter() - start
-            self._host[key] = host
-            self.bytes_offloaded += sum(t.numel() * t.element_size() for t in tensors.values())
-        self._inflight.pop(key, None)  # a prefetch of the old contents is stale
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            check_host_memory(nbytes, host_available_bytes(), self.bytes_offloaded)
+            self.bytes_offloaded += nbytes
+            while len(self._pinning) >= self.max_pending:  # bound the GPU memory held by waiting stores
+                self._resolve(next(iter(self._pinning)))
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chipmunk-pin")
+            self._pinning[key] = self._pool.submit(self._pin_and_copy_out, tensors, ready)
+            return
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._copy_out(host, tensors)
+
+    def _copy_out(self, host: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+        """Enqueue the copies GPU -> ``host`` on the side stream (which already waits for their producers)."""
         with torch.cuda.stream(self.stream):
             for name, t in tensors.items():
                 host[name].copy_(t, non_blocking=True)
                 t.record_stream(self.stream)
 
+    def _pin_and_copy_out(
+        self, tensors: dict[str, torch.Tensor], ready: torch.cuda.Event
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Helper thread: new pinned buffers for ``tensors``, and their copy out after ``ready``."""
+        with torch.cuda.device(self.device):
+            start = time.perf_counter()
+            host = {n: pinned_empty(tuple(t.shape), t.dtype) for n, t in tensors.items()}
+            seconds = time.perf_counter() - start
+            self.stream.wait_event(ready)
+            self._copy_out(host, tensors)
+        return host, seconds
+
+    def _resolve(self, key: Any) -> None:
+        """Wait for ``key``'s helper-thread store, if any, and take its buffers (its errors raise here)."""
+        pending = self._pinning.pop(key, None)
+        if pending is not None:
+            host, seconds = pending.result()
+            self._host[key] = host
+            self.pin_seconds += seconds
+
     def summary(self) -> str | None:
         """One line for the report: how much is pinned and what pinning it cost, or None if nothing is."""
         if not self.bytes_offloaded:
             return None
+        for key in list(self._pinning):
+            self._resolve(key)
         return (f"{self.bytes_offloaded / 2**30:.1f} GB of attention caches in pinned CPU memory "
                 f"({len(self._host)} cache entries, one per site and CFG stream; page-locking it took "
-                f"{self.pin_seconds:.1f} s, once)")
+                f"{self.pin_seconds:.1f} s once, on a helper thread)")
 
     def has(self, key: Any) -> bool:
-        return key in self._host
+        return key in self._host or key in self._pinning
 
     def fetch(self, key: Any) -> dict[str, torch.Tensor]:
         """GPU copies of ``key``'s tensors, ready on the current stream."""
+        self._resolve(key)  # its copy out is enqueued on the side stream then, before the copy in
         current = torch.cuda.current_stream(self.device)
         entry = self._inflight.pop(key, None) or self._copy_in(key)
         tensors, event = entry
@@ -202,7 +245,8 @@ class CacheOffloader:
         if pos is None or not self.order:
             return
         nxt = self.order[(pos + 1) % len(self.order)]
-        if nxt in self._host and nxt not in self._inflight:
+        if self.has(nxt) and nxt not in self._inflight:
+            self._resolve(nxt)
             self._inflight[nxt] = self._copy_in(nxt)
 
     def _copy_in(self, key: Any) -> tuple[dict[str, torch.Tensor], torch.cuda.Event]:

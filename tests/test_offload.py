@@ -145,3 +145,39 @@ def test_packed_indices_round_trip(n_keys, parts, nbytes, device):
     # K not a multiple of 8: the bit plane is padded
     odd = torch.randint(0, n_keys, (4, 13), generator=gen, dtype=torch.int32).to(device)
     assert torch.equal(unpack_indices(pack_indices_(odd.clone(), n_keys)), odd)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offloader_helper_thread_stores_fetches_and_reshapes():
+    """First stores pin on the helper thread (at most max_pending waiting); fetches, prefetches, a store of new
+    shapes and one of unchanged shapes all give back exactly what was stored, with the packed-index decode."""
+    from chipmunk_compile.offload import CacheOffloader
+
+    dev = torch.device("cuda")
+    off = CacheOffloader(dev, max_pending=1)
+    want = {}
+    for i in range(5):
+        cache = torch.randn(3, 1000 + i, device=dev)
+        idx = torch.randint(0, 70000, (2, 64), device=dev, dtype=torch.int32)
+        want[i] = (cache.clone(), idx.clone())
+        off.note_use(i)
+        off.store(i, {"cache": cache, **pack_indices_(idx, 70000)},
+                  decode=lambda t: {"cache": t.pop("cache"), "indices": unpack_indices(t)})
+        del cache, idx  # the offloader must not need the caller's references
+        assert len(off._pinning) <= 1
+    for i in range(5):
+        off.prefetch_after(i)
+        got = off.fetch((i + 1) % 5)
+        c, x = want[(i + 1) % 5]
+        assert torch.equal(got["cache"], c) and torch.equal(got["indices"], x)
+    new = torch.randn(7, 7, device=dev)  # new shapes for key 0: new buffers
+    off.store(0, {"cache": new, "lo": torch.zeros(4, dtype=torch.int16, device=dev)},
+              decode=lambda t: {"cache": t.pop("cache"), "indices": unpack_indices(t)})
+    same = torch.randn(7, 7, device=dev)  # same shapes: reuses them, copies on the caller's thread
+    off.store(0, {"cache": same, "lo": torch.zeros(4, dtype=torch.int16, device=dev)},
+              decode=lambda t: {"cache": t.pop("cache"), "indices": unpack_indices(t)})
+    got = off.fetch(0)
+    assert torch.equal(got["cache"], same) and torch.equal(got["indices"], torch.full((4,), 1 << 15, device=dev,
+                                                                                     dtype=torch.int32))
+    assert "pinned CPU memory" in off.summary() and not off._pinning
