@@ -71,25 +71,36 @@ class E2EConfig:
 
 
 def step_kinds(config, steps: int) -> list[tuple]:
-    """The kind of each step under a chipmunk config: (attention dense, attention selects, MLP phase).
+    """The kind of each step under a chipmunk config: (attention phase, MLP phase).
 
-    MLP phase: "off", "dense", "select" (a sparse step that re-selects units) or "reuse". Steps of one kind
+    Attention phase: "off", "dense" (plain: the next step is dense too), "select" (dense + selection +
+    cache), "refresh" (dense + cache, selection kept) or "sparse". MLP phase: "off", "dense" (plain),
+    "cache" (dense + caches), "select" (a sparse step that re-selects units) or "reuse". Steps of one kind
     cost the same, so timing each kind once predicts a whole loop (used for runs too long to time whole).
     """
     att, mlp = config.attention, config.mlp
-    kinds, selected_at = [], None
+    kinds, selected_at, att_selected = [], None, False
     for step in range(steps):
-        dense = att.enabled and att.is_dense_step(step)
-        selects = dense and (step == 0 or att.recompute_selection)
+        if not att.enabled:
+            att_phase = "off"
+        elif att.is_plain_dense_step(step):
+            att_phase = "dense"
+        elif att.is_dense_step(step):
+            att_phase = "select" if att.recompute_selection or not att_selected else "refresh"
+            att_selected = True
+        else:
+            att_phase = "sparse"
         if not mlp.enabled:
             phase = "off"
-        elif mlp.is_dense_step(step):
+        elif mlp.is_plain_dense_step(step):
             phase, selected_at = "dense", None
+        elif mlp.is_dense_step(step):
+            phase, selected_at = "cache", None
         elif selected_at is None or step - selected_at >= mlp.selection_every:
             phase, selected_at = "select", step
         else:
             phase = "reuse"
-        kinds.append((dense, selects, phase))
+        kinds.append((att_phase, phase))
     return kinds
 
 

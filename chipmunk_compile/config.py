@@ -36,7 +36,7 @@ class ScheduleFields:
     """Which calls of a site run densely (exact output, caches refreshed).
 
     A step is dense when it is in ``dense_steps`` (if given), else when ``step < first_dense_steps`` or
-    ``step % dense_every == 0``. Sites whose ordinal (order of first execution, per kind) is below
+    ``step % dense_every == 0``; a dense step followed by a dense step makes no caches. Sites whose ordinal (order of first execution, per kind) is below
     ``first_dense_layers`` always run densely and keep no cache.
     """
 
@@ -49,6 +49,12 @@ class ScheduleFields:
         if self.dense_steps is not None:
             return step in self.dense_steps
         return step < self.first_dense_steps or (self.dense_every > 0 and step % self.dense_every == 0)
+
+    def is_plain_dense_step(self, step: int) -> bool:
+        """A dense step followed by another dense step: exact output only, no selection and no caches (the
+        next step remakes them from its own inputs). Of a run of consecutive dense steps, only the last one
+        selects and caches; the original method's step 0 likewise runs plain dense attention."""
+        return self.is_dense_step(step) and self.is_dense_step(step + 1)
 
     def _validate_schedule(self, prefix: str) -> None:
         if self.dense_steps is not None:

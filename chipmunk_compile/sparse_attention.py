@@ -165,6 +165,12 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
                      columns=sk, kept_static=1.0)
         return dense_attention(q, k, v, attn_mask, scale, enable_gqa)
 
+    if cfg.is_plain_dense_step(info.step):  # the next step is dense too and selects / caches itself
+        stats.dense_calls += 1
+        stats.record("dense (next step dense)", fixed_flops=stats.dense_flops, kept_flops=0, counts=None,
+                     columns=sk, kept_static=1.0)
+        return dense_attention(q, k, v, attn_mask, scale, enable_gqa)
+
     entry: AttentionCache | None = site.cache(info.stream, info.generation)
     group = cfg.query_group
     key_bias = key_bias_from_mask(attn_mask, b, h, sk)

@@ -76,9 +76,45 @@ def test_selection_picks_the_heaviest_columns():
     k, v = torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)
     k[..., [3, 17, 40], :] = base * 2  # keys every query attends to strongly
     w = torch.randn(2, 2)
-    _call(state, 0, torch.ops.chipmunk.attention.default, q, k, v, None, w, 1, None, False, 0, 0)
+    for step in (0, 1):  # dense steps 0 and 1: the last of them selects
+        _call(state, step, torch.ops.chipmunk.attention.default, q, k, v, None, w, 1, None, False, 0, 0)
     chosen = set(state.site("attention", 1, w).cache(0, 0).indices[0, 0, 0].tolist())
     assert {3, 17, 40} <= chosen
+
+
+@pytest.mark.parametrize("kind", ["attention", "mlp"])
+def test_dense_step_before_a_dense_step_is_plain(kind):
+    """Of consecutive dense steps only the last selects and caches (the next step would remake them): the
+    first returns the exact dense output and leaves no cache; the sparse step after them uses the last one's
+    (given step 1's inputs again, it must give step 1's exact output)."""
+    cfg = ChipmunkConfig().with_overrides({f"{kind}.first_dense_layers": 0, f"{kind}.first_dense_steps": 2,
+                                           f"{kind}.dense_every": 0, "attention.query_group": 64,
+                                           "mlp.block": 64, f"{kind}.keep": 0.25})
+    state = ModelState(cfg)
+    gen = torch.Generator().manual_seed(0)
+    if kind == "attention":
+        w = torch.randn(4, 4)
+        op, shape = torch.ops.chipmunk.attention.default, (1, 2, 100, 16)
+        inputs = [tuple(torch.randn(shape, generator=gen) for _ in range(3)) for _ in range(3)]
+        args = lambda i: (*inputs[i], None, w, 3, None, False, 0, 0)  # noqa: E731
+        dense = lambda i: F.scaled_dot_product_attention(*inputs[i])  # noqa: E731
+    else:
+        w1, w2 = torch.randn(32, 16, generator=gen) / 4, torch.randn(12, 32, generator=gen) / 4
+        w = w1
+        op, inputs = torch.ops.chipmunk.mlp.default, [torch.randn(1, 100, 16, generator=gen) for _ in range(3)]
+        args = lambda i: (inputs[i], w1, None, w2, None, 3, "gelu_tanh", False, 0, 32)  # noqa: E731
+        dense = lambda i: F.linear(F.gelu(F.linear(inputs[i], w1), approximate="tanh"), w2)  # noqa: E731
+    out0 = _call(state, 0, op, *args(0))
+    site = state.site(kind, 3, w)
+    assert site.cache(0, 0) is None and site.stats.last_phase == "dense (next step dense)"
+    torch.testing.assert_close(out0, dense(0), atol=1e-5, rtol=1e-5)
+    out1 = _call(state, 1, op, *args(1))
+    assert site.cache(0, 0) is not None and site.stats.last_phase != "dense (next step dense)"
+    torch.testing.assert_close(out1, dense(1), atol=1e-5, rtol=1e-5)
+    inputs[2] = inputs[1]  # sparse step on step 1's inputs: exact iff its caches are step 1's
+    out2 = _call(state, 2, op, *args(2))
+    assert site.stats.last_phase == "sparse" and site.stats.sparse_calls == 1
+    torch.testing.assert_close(out2, dense(1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("gated, activation, bias", [(False, "gelu_tanh", True), (True, "silu", False),
@@ -239,10 +275,12 @@ def test_flops_fall_on_sparse_steps():
     x = torch.randn(1, 128, 8)
     calls = [((x,), {"timestep": torch.tensor([t])}) for t in (1000.0, 900.0, 800.0, 700.0)]
     flops = flops_per_call(compiled, calls)
-    # steps 0, 1 dense (step 1 also selects); 2, 3 sparse. Layer 0 stays dense (first_dense_layers=1).
+    # steps 0, 1 dense (step 0 plain, step 1 also selects); 2, 3 sparse. Layer 0 stays dense
+    # (first_dense_layers=1).
     per_layer = 2 * 1 * 4 * 128 * 128 * (16 + 16)  # one dense attention: B=1, H=4, S=128, D=16
     select = per_layer * (1 + 0.5 + 0.25)  # dense + column-sum pass + forming the cache at 25% kept
-    assert flops[0]["attention"] == pytest.approx(per_layer + 2 * select, rel=0.01), flops
+    assert flops[0]["attention"] == pytest.approx(3 * per_layer, rel=0.01), flops
+    assert flops[1]["attention"] == pytest.approx(per_layer + 2 * select, rel=0.01), flops
     assert flops[2]["attention"] == pytest.approx(per_layer * (1 + 2 * 0.25), rel=0.01), flops
     assert flops[2]["mlp"] < 0.6 * flops[0]["mlp"], flops
     assert flops[2]["total"] < 0.8 * flops[0]["total"], flops
