@@ -36,8 +36,8 @@ class ScheduleFields:
     """Which calls of a site run densely (exact output, caches refreshed).
 
     A step is dense when it is in ``dense_steps`` (if given), else when ``step < first_dense_steps`` or
-    ``step % dense_every == 0``; a dense step followed by a dense step makes no caches. Sites whose ordinal (order of first execution, per kind) is below
-    ``first_dense_layers`` always run densely and keep no cache.
+    ``step % dense_every == 0``; a dense step followed by a dense step makes no caches. Sites whose ordinal
+    (order of first execution, per kind) is below ``first_dense_layers`` always run densely and keep no cache.
     """
 
     dense_steps: tuple[int, ...] | None = None
