@@ -73,8 +73,9 @@ class E2EConfig:
 def step_kinds(config, steps: int) -> list[tuple]:
     """The kind of each step under a chipmunk config: (attention phase, MLP phase).
 
-    Attention phase: "off", "dense" (plain: the next step is dense too), "select" (dense + selection +
-    cache), "refresh" (dense + cache, selection kept) or "sparse". MLP phase: "off", "dense" (plain),
+    Attention phase: "off", "dense" (plain: the next step is dense too), "select, no cache" (the same, but
+    making the generation's one-time selection), "select" (dense + selection + cache), "refresh" (dense +
+    cache, selection kept) or "sparse". MLP phase: "off", "dense" (plain),
     "cache" (dense + caches), "select" (a sparse step that re-selects units) or "reuse". Steps of one kind
     cost the same, so timing each kind once predicts a whole loop (used for runs too long to time whole).
     """
@@ -83,8 +84,9 @@ def step_kinds(config, steps: int) -> list[tuple]:
     for step in range(steps):
         if not att.enabled:
             att_phase = "off"
-        elif att.is_plain_dense_step(step):
-            att_phase = "dense"
+        elif att.is_plain_dense_step(step):  # a one-time selection is still made at the first dense step
+            att_phase = "dense" if att.recompute_selection or att_selected else "select, no cache"
+            att_selected = True
         elif att.is_dense_step(step):
             att_phase = "select" if att.recompute_selection or not att_selected else "refresh"
             att_selected = True

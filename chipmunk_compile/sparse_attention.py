@@ -165,11 +165,13 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
                      columns=sk, kept_static=1.0)
         return dense_attention(q, k, v, attn_mask, scale, enable_gqa)
 
-    if cfg.is_plain_dense_step(info.step):  # the next step is dense too and selects / caches itself
-        stats.dense_calls += 1
-        stats.record("dense (next step dense)", fixed_flops=stats.dense_flops, kept_flops=0, counts=None,
-                     columns=sk, kept_static=1.0)
-        return dense_attention(q, k, v, attn_mask, scale, enable_gqa)
+    # A dense step followed by a dense step makes no cache (the next one makes it). Where the selection is
+    # re-made at every dense step, it runs plain dense attention; where it is made once (recompute_selection
+    # off), the first dense step still selects: on the reference DiT, the flux preset selecting at step 1
+    # instead of step 0 lost 2.2 dB (CPU, 8 samples; README).
+    plain = cfg.is_plain_dense_step(info.step)
+    if plain and cfg.recompute_selection:
+        return _plain_dense(stats, q, k, v, attn_mask, scale, enable_gqa)
 
     entry: AttentionCache | None = site.cache(info.stream, info.generation)
     group = cfg.query_group
@@ -181,8 +183,12 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
     if entry is not None and entry.index_shape[:3] != (b, h, -(-s // group)):
         entry = None
 
-    if entry is None or not entry.index_shape or cfg.is_dense_step(info.step):
+    # a selection made at a plain dense step, whose cache the next step did not make (a step skipped)
+    uncached = entry is not None and entry.cache is None and not entry.offloaded
+    if entry is None or not entry.index_shape or uncached or cfg.is_dense_step(info.step):
         select = entry is None or not entry.index_shape or cfg.recompute_selection
+        if plain and not select:
+            return _plain_dense(stats, q, k, v, attn_mask, scale, enable_gqa)
         if entry is None:
             entry = AttentionCache(generation=info.generation)
             site.caches[info.stream] = entry
@@ -191,6 +197,13 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
                                                    text_start=text_start, text_len=text_len)
             stats.selections += 1
             extra = attention_flops(b, h, s, sk, d, 0)  # the column-sum pass recomputes q·k
+            if plain:  # kept for the generation; the next (dense) step makes the cache
+                entry.indices, entry.counts, entry.index_shape = indices, counts, tuple(indices.shape)
+                entry.cache, entry.offloaded = None, False
+                stats.dense_calls += 1
+                stats.record("dense+select (next step dense)", fixed_flops=stats.dense_flops + extra, kept_flops=0,
+                             counts=counts, columns=sk)
+                return o
         else:
             _, indices = entry.tensors(offloader, okey)
             counts = entry.counts
@@ -232,6 +245,14 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
         err = (out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)
         stats.errors.append((info.step, float(err)))
     return out
+
+
+def _plain_dense(stats, q, k, v, attn_mask, scale, enable_gqa) -> torch.Tensor:
+    """A dense step followed by a dense step: exact output, nothing cached."""
+    stats.dense_calls += 1
+    stats.record("dense (next step dense)", fixed_flops=stats.dense_flops, kept_flops=0, counts=None,
+                 columns=k.shape[2], kept_static=1.0)
+    return dense_attention(q, k, v, attn_mask, scale, enable_gqa)
 
 
 def _dense_and_select(ctx, q, k, v, *, scale, key_bias, triton, text_start, text_len):

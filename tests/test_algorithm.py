@@ -67,6 +67,32 @@ def test_sparse_attention_equals_independent_formula(masked):
     assert out.stride() == torch.empty(b, s, h, d).permute(0, 2, 1, 3).stride()
 
 
+def test_one_time_selection_is_made_at_the_first_dense_step():
+    """recompute_selection off: the first of two dense steps selects (no cache), the second makes the cache
+    with that selection; if the second never comes, the next call makes the cache itself (exact output)."""
+    cfg = ChipmunkConfig().with_overrides({"attention.first_dense_layers": 0, "attention.query_group": 64,
+                                           "attention.keep": 0.25, "attention.recompute_selection": False,
+                                           "attention.dense_steps": [0, 1]})
+    op, w = torch.ops.chipmunk.attention.default, torch.randn(4, 4)
+    gen = torch.Generator().manual_seed(1)
+    qkv = [tuple(torch.randn(1, 2, 100, 16, generator=gen) for _ in range(3)) for _ in range(3)]
+    for skip_step_1 in (False, True):
+        state = ModelState(cfg)
+        out0 = _call(state, 0, op, *qkv[0], None, w, 3, None, False, 0, 0)
+        site = state.site("attention", 3, w)
+        entry = site.cache(0, 0)
+        chosen = entry.indices.clone()
+        assert entry.cache is None and site.stats.last_phase == "dense+select (next step dense)"
+        torch.testing.assert_close(out0, F.scaled_dot_product_attention(*qkv[0]), atol=1e-5, rtol=1e-5)
+        step = 2 if skip_step_1 else 1  # step 2 is not a dense step: it must make the missing cache
+        out1 = _call(state, step, op, *qkv[1], None, w, 3, None, False, 0, 0)
+        torch.testing.assert_close(out1, F.scaled_dot_product_attention(*qkv[1]), atol=1e-5, rtol=1e-5)
+        assert site.cache(0, 0).cache is not None and torch.equal(site.cache(0, 0).indices, chosen)
+        out2 = _call(state, step + 1, op, *qkv[1], None, w, 3, None, False, 0, 0)  # sparse on the same inputs
+        assert site.stats.last_phase == "sparse" and site.stats.selections == 1
+        torch.testing.assert_close(out2, out1, atol=1e-5, rtol=1e-5)
+
+
 def test_selection_picks_the_heaviest_columns():
     cfg = ChipmunkConfig().with_overrides({"attention.first_dense_layers": 0, "attention.query_group": 64,
                                            "attention.keep": 0.1, "attention.random_keep": 0.0})

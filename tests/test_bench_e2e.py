@@ -20,8 +20,9 @@ def test_step_kinds_follow_the_presets():
     assert [k[0] for k in hunyuan[:3]] == ["dense", "select", "sparse"]
     assert hunyuan[10][0] == hunyuan[40][0] == "select" and {k[1] for k in hunyuan} == {"off"}
     flux = step_kinds(ChipmunkConfig.from_name("flux"), 50)
-    assert [i for i, k in enumerate(flux) if k[0] == "select"] == [1]  # selection once, then refreshes
-    assert [i for i, k in enumerate(flux) if k[0] == "refresh"] == [10, 20, 30, 40]
+    # selection once, at step 0 (step 1, dense too, makes the cache), then refreshes
+    assert [i for i, k in enumerate(flux) if k[0] == "select, no cache"] == [0]
+    assert [i for i, k in enumerate(flux) if k[0] == "refresh"] == [1, 10, 20, 30, 40]
     assert [i for i, k in enumerate(flux) if k[1] == "cache"] == [0, 10, 20, 30, 40]
     assert [k[1] for k in flux[1:6]] == ["select", "reuse", "select", "reuse", "select"]
     assert len(set(flux)) == 5

@@ -16,6 +16,10 @@ def test_presets_follow_the_papers_configs():
     assert [s for s in range(50) if hunyuan.attention.is_dense_step(s)] == [0, 1, 10, 40]
     wan = ChipmunkConfig.from_name("wan")
     assert [s for s in range(50) if wan.attention.is_dense_step(s)] == [0, 1, 10, 20, 30, 40]
+    # of consecutive dense steps only the last makes caches: step 0 is plain dense in all three
+    for cfg in (flux.attention, hunyuan.attention, wan.attention):
+        assert [s for s in range(50) if cfg.is_plain_dense_step(s)] == [0]
+    assert not [s for s in range(50) if flux.mlp.is_plain_dense_step(s)]  # MLP dense at 0, 10, ...: none
     assert set(PRESETS) == {"default", "flux", "hunyuan", "wan"}
 
 

@@ -25,9 +25,9 @@ def test_flux_preset_through_50_steps():
     f = 4 * 64  # FeedForward hidden units (4 x inner dim 64)
     k_top, n_rand = column_budget(0.3, 0.05, f)
     assert res.mlp_kept == pytest.approx((k_top + n_rand) / f)
-    # 6 attention sites, 2 always dense; the others run plain dense at step 0 (step 1 is dense too), select
-    # at step 1, refresh at 10, 20, 30, 40 (dense + forming the cache) and are sparse at the 44 other steps.
-    expected = (2 * 50 + 4 * (1 + (1.5 + k) + 4 * (1 + k) + 44 * k)) / (6 * 50)
+    # 6 attention sites, 2 always dense; the others select at step 0 without forming the cache (step 1 is
+    # dense too), refresh at 1, 10, 20, 30, 40 (dense + forming the cache), sparse at the 44 other steps.
+    expected = (2 * 50 + 4 * (1.5 + 5 * (1 + k) + 44 * k)) / (6 * 50)
     assert res.attention_flops_frac == pytest.approx(expected, rel=0.005)
     assert res.mlp_flops_frac < 0.6
     assert res.rel_l2 < 0.05 and res.psnr_db > 40
