@@ -84,6 +84,8 @@ def step_kinds(config, steps: int) -> list[tuple]:
     for step in range(steps):
         if not att.enabled:
             att_phase = "off"
+        elif att.is_dense_step(step) and step == steps - 1:  # the last step: nothing to cache for
+            att_phase = "dense"
         elif att.is_plain_dense_step(step):  # a one-time selection is still made at the first dense step
             att_phase = "dense" if att.recompute_selection or att_selected else "select, no cache"
             att_selected = True
@@ -94,7 +96,7 @@ def step_kinds(config, steps: int) -> list[tuple]:
             att_phase = "sparse"
         if not mlp.enabled:
             phase = "off"
-        elif mlp.is_plain_dense_step(step):
+        elif mlp.is_plain_dense_step(step) or (mlp.is_dense_step(step) and step == steps - 1):
             phase, selected_at = "dense", None
         elif mlp.is_dense_step(step):
             phase, selected_at = "cache", None

@@ -239,10 +239,11 @@ class CacheOffloader:
             t.record_stream(current)
         return tensors
 
-    def prefetch_after(self, key: Any) -> None:
-        """Start copying in the tensors of the key that followed ``key`` in the last forward."""
+    def prefetch_after(self, key: Any, wrap: bool = True) -> None:
+        """Start copying in the tensors of the key that followed ``key`` in the last forward (with ``wrap``
+        off, not the first key after the last: at a generation's last step nothing follows)."""
         pos = self._position.get(key)
-        if pos is None or not self.order:
+        if pos is None or not self.order or (not wrap and pos + 1 >= len(self.order)):
             return
         nxt = self.order[(pos + 1) % len(self.order)]
         if self.has(nxt) and nxt not in self._inflight:

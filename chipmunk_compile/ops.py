@@ -74,6 +74,8 @@ def attention(
     site = ctx.state.site("attention", site_uid, site_key, ctx.info)
     out = sparse_attention.run_attention(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start, text_len)
     _LAST_STATS.set(site.stats)
+    if ctx.info.last:
+        site.release(ctx.info)
     return out
 
 
@@ -114,6 +116,8 @@ def mlp(
     site = ctx.state.site("mlp", site_uid, w1, ctx.info)
     out = sparse_mlp.run_mlp(ctx, site, x, w1, b1, w2, b2, activation, gated, w2_offset, w2_width)
     _LAST_STATS.set(site.stats)
+    if ctx.info.last:
+        site.release(ctx.info)
     return out
 
 

@@ -15,6 +15,7 @@ import re
 import sys
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ import torch.fx as fx
 from chipmunk_compile.config import ChipmunkConfig
 from chipmunk_compile.passes.graph_utils import is_weight, source_name
 from chipmunk_compile.passes.sites import Plan
-from chipmunk_compile.state import CallContext, ModelState, activate, deactivate
+from chipmunk_compile.state import CallContext, ModelState, StepInfo, activate, deactivate
 
 
 class FlopTally:
@@ -131,7 +132,7 @@ class Runner:
                     or type(t_value) is not type(state.forward_t)):
                 state.forward_seen.clear()
                 state.forward_t = t_value
-                state.forward_info = state.clock.advance_timestep(t_value, signature)
+                state.forward_info = _mark_last(state.clock.advance_timestep(t_value, signature), t_value)
             state.forward_seen.add(region)
             info = state.forward_info
         else:
@@ -141,7 +142,7 @@ class Runner:
             signature = self._signature(args)
             if isinstance(t, torch.Tensor) and t.numel() > 0:
                 key = _step_key(t)
-                info = state.clock.advance_timestep(key, (*signature, type(key).__name__))
+                info = _mark_last(state.clock.advance_timestep(key, (*signature, type(key).__name__)), key)
             elif isinstance(t, (int, float)):
                 info = state.clock.advance_timestep(float(t), signature)
             else:
@@ -159,7 +160,15 @@ def _first(t: Any) -> float:
 
 
 class _LoopKey(float):
-    """A step-clock key taken from a denoising loop's index (``-i``), not from a timestep value."""
+    """A step-clock key taken from a denoising loop's index (``-i``), not from a timestep value; ``last``:
+    ``i`` is the loop's last index."""
+
+    last = False
+
+
+def _mark_last(info: StepInfo, key: Any) -> StepInfo:
+    """``info`` flagged as the generation's last step when ``key`` comes from the loop's last index."""
+    return replace(info, last=True) if getattr(key, "last", False) and not info.last else info
 
 
 def _step_key(t: Any) -> float:
@@ -168,15 +177,18 @@ def _step_key(t: Any) -> float:
     kinds never compare: the runner puts the key's type into the clock's signature, so switching between
     them (a warm-up call outside the loop, then the loop) starts a new generation."""
     if isinstance(t, torch.Tensor):
-        index = _loop_index(sys._getframe(2))
-        if index is not None:
-            return _LoopKey(-index)
+        found = _loop_index(sys._getframe(2))
+        if found is not None:
+            index, length = found
+            key = _LoopKey(-index)
+            key.last = index == length - 1
+            return key
     return _first(t)
 
 
-def _loop_index(frame: Any, max_depth: int = 64) -> int | None:
+def _loop_index(frame: Any, max_depth: int = 64) -> tuple[int, int] | None:
     """The index ``i`` of an enclosing ``for i, t in enumerate(timesteps)`` loop, as every diffusers pipeline
-    writes its denoising loop, or None.
+    writes its denoising loop, and the loop's length ``len(timesteps)``; or None.
 
     A frame qualifies when its locals ``i`` (int), ``t`` (one-element tensor) and ``timesteps`` (1-D tensor)
     satisfy: ``t`` is a view of element ``i`` of ``timesteps`` (same address). Checking addresses, not values,
@@ -196,7 +208,7 @@ def _loop_index(frame: Any, max_depth: int = 64) -> int | None:
                 and t.numel() == 1 and 0 <= i < ts.shape[0] and t.device == ts.device
                 and t.data_ptr() == ts.data_ptr() + i * ts.stride(0) * ts.element_size()
             ):
-                return i
+                return i, ts.shape[0]
         frame = frame.f_back
     return None
 

@@ -170,7 +170,7 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
     # off), the first dense step still selects: on the reference DiT, the flux preset selecting at step 1
     # instead of step 0 lost 2.2 dB (CPU, 8 samples; README).
     plain = cfg.is_plain_dense_step(info.step)
-    if plain and cfg.recompute_selection:
+    if (plain and cfg.recompute_selection) or (info.last and cfg.is_dense_step(info.step)):  # nothing follows
         return _plain_dense(stats, q, k, v, attn_mask, scale, enable_gqa)
 
     entry: AttentionCache | None = site.cache(info.stream, info.generation)
@@ -228,7 +228,7 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
         stats.record("dense+select" if select else "dense+refresh", fixed_flops=stats.dense_flops + extra,
                      kept_flops=stats.dense_flops, counts=entry.counts, columns=sk)
         if offloader is not None:
-            offloader.prefetch_after(okey)
+            offloader.prefetch_after(okey, wrap=not info.last)
         return o
 
     cache, indices = entry.tensors(offloader, okey)
@@ -237,7 +237,7 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
         base=cache, sign=1.0, triton=triton,
     )
     if offloader is not None:
-        offloader.prefetch_after(okey)
+        offloader.prefetch_after(okey, wrap=not info.last)
     stats.sparse_calls += 1
     stats.record("sparse", fixed_flops=0, kept_flops=stats.dense_flops, counts=entry.counts, columns=sk)
     if ctx.state.config.check_error:
@@ -250,7 +250,7 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
 def _plain_dense(stats, q, k, v, attn_mask, scale, enable_gqa) -> torch.Tensor:
     """A dense step followed by a dense step: exact output, nothing cached."""
     stats.dense_calls += 1
-    stats.record("dense (next step dense)", fixed_flops=stats.dense_flops, kept_flops=0, counts=None,
+    stats.record("dense (no cache)", fixed_flops=stats.dense_flops, kept_flops=0, counts=None,
                  columns=k.shape[2], kept_static=1.0)
     return dense_attention(q, k, v, attn_mask, scale, enable_gqa)
 

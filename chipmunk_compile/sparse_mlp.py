@@ -225,13 +225,14 @@ def run_mlp(
     if entry is not None and entry.out.shape != (bsz, s, dout):
         entry = None
     first_layers = site.ordinal < cfg.first_dense_layers
-    plain = cfg.is_plain_dense_step(info.step)  # the next step is dense too and caches itself
+    # the next step is dense too and caches itself, or a last step: nothing follows
+    plain = cfg.is_plain_dense_step(info.step) or (info.last and cfg.is_dense_step(info.step))
     if first_layers or plain or entry is None or cfg.is_dense_step(info.step):
         stats.dense_calls += 1
         if first_layers or plain:
             _, a = hidden_activation(x3, w1, b1, activation, gated)
             out = F.linear(a, w2s, b2).contiguous()
-            stats.record("dense (first layers)" if first_layers else "dense (next step dense)",
+            stats.record("dense (first layers)" if first_layers else "dense (no cache)",
                          fixed_flops=stats.dense_flops, kept_flops=0, counts=None, columns=f, kept_static=1.0)
             return out.reshape(*lead, dout)
         h = F.linear(x3, w1, b1)

@@ -32,11 +32,14 @@ MAX_STREAMS = 4
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Where one call sits in the denoising loop."""
+    """Where one call sits in the denoising loop. ``last``: the generation's last step, known only when the
+    loop's length is (a diffusers loop over ``timesteps``, or ``num_steps`` when counting calls); its calls
+    free their caches once they have used them."""
 
     generation: int
     step: int
     stream: int
+    last: bool = False
 
 
 class StepClock:
@@ -101,7 +104,8 @@ class StepClock:
             self._new_generation(signature)
         self.step, self.stream = divmod(self._calls, per_step)
         self._calls += 1
-        return StepInfo(self.generation, self.step, self.stream)
+        last = cfg.num_steps is not None and self.step == cfg.num_steps - 1
+        return StepInfo(self.generation, self.step, self.stream, last)
 
 
 @dataclass
@@ -211,6 +215,14 @@ class SiteState:
                     self.kind, self.ordinal, reason)
         self.stats.backend = f"pytorch ({reason})"
         return reason
+
+    def release(self, info: StepInfo) -> None:
+        """After a call of the generation's last step: drop its stream's caches (they would otherwise hold GPU
+        memory until the next generation replaced them, e.g. through the VAE decode). Derived weight copies
+        and pinned host buffers stay for the next generation."""
+        entry = self.caches.get(info.stream)
+        if entry is not None and entry.generation == info.generation:
+            del self.caches[info.stream]
 
     def cache(self, stream: int, generation: int) -> Any:
         """The cache of ``stream`` if it was made in ``generation``, else None."""

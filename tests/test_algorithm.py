@@ -132,10 +132,10 @@ def test_dense_step_before_a_dense_step_is_plain(kind):
         dense = lambda i: F.linear(F.gelu(F.linear(inputs[i], w1), approximate="tanh"), w2)  # noqa: E731
     out0 = _call(state, 0, op, *args(0))
     site = state.site(kind, 3, w)
-    assert site.cache(0, 0) is None and site.stats.last_phase == "dense (next step dense)"
+    assert site.cache(0, 0) is None and site.stats.last_phase == "dense (no cache)"
     torch.testing.assert_close(out0, dense(0), atol=1e-5, rtol=1e-5)
     out1 = _call(state, 1, op, *args(1))
-    assert site.cache(0, 0) is not None and site.stats.last_phase != "dense (next step dense)"
+    assert site.cache(0, 0) is not None and site.stats.last_phase != "dense (no cache)"
     torch.testing.assert_close(out1, dense(1), atol=1e-5, rtol=1e-5)
     inputs[2] = inputs[1]  # sparse step on step 1's inputs: exact iff its caches are step 1's
     out2 = _call(state, 2, op, *args(2))

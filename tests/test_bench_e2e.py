@@ -26,6 +26,8 @@ def test_step_kinds_follow_the_presets():
     assert [i for i, k in enumerate(flux) if k[1] == "cache"] == [0, 10, 20, 30, 40]
     assert [k[1] for k in flux[1:6]] == ["select", "reuse", "select", "reuse", "select"]
     assert len(set(flux)) == 5
+    # a dense last step (41 steps: step 40) caches nothing
+    assert step_kinds(ChipmunkConfig.from_name("flux"), 41)[40] == ("dense", "dense")
     wan = step_kinds(ChipmunkConfig.from_name("wan"), 50)
     assert [k[0] for k in wan[:3]] == ["dense", "select", "sparse"] and len(set(wan)) == 3
 

@@ -29,6 +29,10 @@ def test_counting_mode_for_graphs_without_timestep():
     clock = StepClock(ChipmunkConfig(streams_per_step=2, num_steps=2))
     got = [(i.generation, i.step, i.stream) for i in (clock.advance_count(("x",)) for _ in range(6))]
     assert got == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1)]
+    # num_steps known: the calls of each generation's last step are flagged (they free their caches)
+    clock = StepClock(ChipmunkConfig(streams_per_step=2, num_steps=2))
+    assert [clock.advance_count(("x",)).last for _ in range(6)] == [False, False, True, True, False, False]
+    assert not any(clock.advance_timestep(t, ("x",)).last for t in (1000, 900))  # values alone: unknown
 
 
 def test_repeated_same_timestep_is_bounded():
@@ -106,6 +110,88 @@ def test_loop_without_timestep_elements_falls_back_to_the_value():
     i = 2
     t = ts[i]
     timesteps = ts  # noqa: F841 - the frame local the runner looks for
-    assert runner._loop_index(__import__("sys")._getframe()) == 2
+    assert runner._loop_index(__import__("sys")._getframe()) == (2, 4)  # index and the loop's length
     t = ts[1]  # noqa: F841
     assert runner._loop_index(__import__("sys")._getframe()) is None  # t is element 1, i says 2
+
+
+def _flux_like_loop(compiled, model, timesteps, cfg_calls=1, check=None):
+    """``for i, t in enumerate(timesteps)`` over a TinyDiT; ``check(i, sites)`` after each step."""
+    import torch
+
+    import chipmunk_compile
+
+    x = torch.randn(1, 32, 8)
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            for _ in range(cfg_calls):
+                compiled(x, timestep=t.expand(1) * 1.0)
+            if check is not None:
+                (state,) = chipmunk_compile.states_of(model)
+                check(i, state.sites)
+
+
+def test_last_loop_step_frees_the_caches():
+    """In a loop whose length is known (``enumerate(timesteps)``), the calls of the last step drop their caches
+    once used, so they do not hold memory after the generation (e.g. through the VAE decode); every stream's
+    last call still runs sparse on its own caches, and the next generation starts from nothing."""
+    import torch
+
+    from chipmunk_compile.testing import TinyDiT
+
+    opts = {"attention.keep": 0.25, "attention.first_dense_layers": 0, "mlp.first_dense_layers": 0,
+            "attention.query_group": 64, "mlp.block": 64, "mlp.keep": 0.3}
+    model = TinyDiT(seq=32, depth=2).eval()
+    compiled = torch.compile(model, backend="chipmunk", options=opts)
+    ts = torch.linspace(1000, 100, 5)
+
+    def check(i, sites):
+        held = [s for s in sites if s.caches]
+        if i == 0:  # step 0 is plain dense for attention (step 1 is dense too): only the MLPs cache
+            assert {s.kind for s in held} == {"mlp"} and len(held) == 2
+        elif i < 4:
+            assert len(held) == len(sites) == 4  # 2 attention + 2 MLP sites hold caches through the loop
+        else:
+            assert not held and all(s.stats.last_phase == "sparse" for s in sites)
+
+    _flux_like_loop(compiled, model, ts, cfg_calls=2, check=check)
+    _flux_like_loop(compiled, model, ts, cfg_calls=2, check=check)  # a second generation: the same
+
+
+def test_dense_last_step_makes_no_caches():
+    """A last step that is a dense step (here step 4 of 5, dense_every 4) returns exact outputs and caches
+    nothing: nothing follows it."""
+    import torch
+
+    from chipmunk_compile.testing import TinyDiT
+
+    opts = {"attention.first_dense_layers": 0, "mlp.first_dense_layers": 0, "attention.query_group": 64,
+            "mlp.block": 64, "attention.dense_every": 4, "mlp.dense_every": 4}
+    model = TinyDiT(seq=32, depth=2).eval()
+    compiled = torch.compile(model, backend="chipmunk", options=opts)
+
+    def check(i, sites):
+        if i == 4:
+            assert not any(s.caches for s in sites)
+            assert all(s.stats.last_phase == "dense (no cache)" for s in sites)
+
+    _flux_like_loop(compiled, model, torch.linspace(1000, 100, 5), check=check)
+
+
+def test_last_step_unknown_keeps_the_caches():
+    """Outside such a loop (timestep values only) the last step is unknown: caches stay until the next
+    generation or ``chipmunk_compile.reset``."""
+    import torch
+
+    import chipmunk_compile
+    from chipmunk_compile.testing import TinyDiT
+
+    model = TinyDiT(seq=32, depth=2).eval()
+    compiled = torch.compile(model, backend="chipmunk", options={"attention.first_dense_layers": 0})
+    with torch.no_grad():
+        for t in (1000.0, 800.0, 600.0):
+            compiled(torch.randn(1, 32, 8), timestep=torch.tensor([t]))
+    (state,) = chipmunk_compile.states_of(model)
+    assert any(s.caches for s in state.sites)
+    chipmunk_compile.reset(compiled)
+    assert not any(s.caches for s in state.sites)
