@@ -204,7 +204,8 @@ def run_mlp(
     lead = x.shape[:-1]
     x3 = x.reshape(x.shape[0] if x.dim() >= 3 else 1, -1, x.shape[-1])
     bsz, s, din = x3.shape
-    site.watch("w2", w2)  # the key is w1: a change of w2 alone must drop the caches and the w2t copy too
+    # the key is w1: a change of w2 alone must drop the caches and the w2t copy too
+    site.watch("w2", w2, info.generation)
     w2s = w2.narrow(1, w2_offset, w2_width)
     f = w2_width
     dout = w2.shape[0]

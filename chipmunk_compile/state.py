@@ -161,7 +161,7 @@ class SiteState:
         self.ordinal = ordinal
         self._key_ref = weakref.ref(key) if key is not None else None
         # fingerprints of the weights the caches and weight_copies derive from: the key, and others (see watch)
-        self._watched: dict[str, tuple[int, int, float]] = {"key": _fingerprint(key)} if key is not None else {}
+        self._watched: dict[str, tuple] = {"key": _fingerprint(key, -1)} if key is not None else {}
         self.caches: dict[int, Any] = {}
         self.weight_copies: dict[str, torch.Tensor] = {}  # derived layouts of the site's weights
         # Host-side decisions that depend only on shapes/dtypes/layouts, made once per signature:
@@ -175,19 +175,25 @@ class SiteState:
     def key(self) -> torch.Tensor | None:
         return self._key_ref() if self._key_ref is not None else None
 
-    def check_weights(self, key: torch.Tensor | None) -> None:
+    def check_weights(self, key: torch.Tensor | None, generation: int = -1) -> None:
         """Drop the caches when the key weight's values changed (not merely moved)."""
         if key is not None and "key" in self._watched:
-            self.watch("key", key)
+            self.watch("key", key, generation)
 
-    def watch(self, name: str, weight: torch.Tensor) -> None:
+    def watch(self, name: str, weight: torch.Tensor, generation: int = -1) -> None:
         """Drop every cache and derived copy when ``weight``'s values changed (not merely moved): the key
         (:meth:`check_weights`), or another weight they derive from (the MLP's W2: a LoRA fused into the second
-        linear alone leaves the key, W1, unchanged). Two attribute reads per call while it is unchanged."""
+        linear alone leaves the key, W1, unchanged). Two attribute reads per call while it is unchanged.
+
+        Inference tensors (weights made under ``torch.inference_mode``) keep no version counter: their values
+        are compared once per ``generation`` instead (an in-place change mid-generation goes unseen until the
+        next one)."""
         old = self._watched.get(name)
-        if old is not None and weight.data_ptr() == old[0] and weight._version == old[1]:
-            return
-        new = _fingerprint(weight)  # new, moved or written in place: compare a sample of the values (a device sync)
+        if old is not None and weight.data_ptr() == old[0]:
+            version = _version(weight)
+            if version == old[1] and (version is not None or generation == old[3]):
+                return
+        new = _fingerprint(weight, generation)  # new, moved or changed: compare a sample of the values (a sync)
         if old is not None and new[2] != old[2]:
             log.info("chipmunk: weights (%s) of %s site %d changed; caches dropped", name, self.kind, self.ordinal)
             self.caches.clear()
@@ -232,11 +238,17 @@ class SiteState:
         return entry
 
 
-def _fingerprint(t: torch.Tensor) -> tuple[int, int, float]:
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference tensors, which keep none."""
+    return None if t.is_inference() else t._version
+
+
+def _fingerprint(t: torch.Tensor, generation: int) -> tuple[int, int | None, float, int]:
+    """(address, version, a sum over 64 sampled values, the generation it was taken in)."""
     flat = t.detach().reshape(-1)
     step = max(1, flat.numel() // 64)
     sample = flat[::step][:64].double()
-    return t.data_ptr(), t._version, float(sample.sum() + (sample * sample).sum())
+    return t.data_ptr(), _version(t), float(sample.sum() + (sample * sample).sum()), generation
 
 
 class ModelState:
@@ -301,7 +313,7 @@ class ModelState:
             self._sites[ident] = site
         else:
             site.uid = uid
-            site.check_weights(key)
+            site.check_weights(key, -1 if info is None else info.generation)
         return site
 
     @property

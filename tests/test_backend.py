@@ -160,6 +160,42 @@ def test_weights_changed_in_place_mid_generation_drop_the_mlp_caches(layer):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layer", ["fc1", "fc2"])
+def test_model_made_under_inference_mode(layer, caplog):
+    """Weights created under ``torch.inference_mode`` (a pipeline loaded inside it) keep no version counter:
+    the backend used to crash reading it. They run, and a change between generations (here in place, under
+    inference mode) is seen at the next generation's first call, which drops the site's caches and derived
+    weight copies (the transposed W2 of the GPU path) and recomputes densely and exactly."""
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(16, 64)
+            self.fc2 = torch.nn.Linear(64, 16)
+
+        def forward(self, x, timestep):
+            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = Mlp().eval()
+        assert model.fc1.weight.is_inference()
+        compiled = torch.compile(model, backend="chipmunk",
+                                 options={"mlp.first_dense_layers": 0, "mlp.first_dense_steps": 1,
+                                          "mlp.keep": 0.25, "mlp.random_keep": 0.0, "mlp.block": 64})
+        x = torch.randn(1, 128, 16)
+        for t in (900.0, 800.0, 700.0):  # generation 1: dense, then sparse steps
+            compiled(x + (1000 - t) / 1000 * torch.randn_like(x), torch.tensor([t]))
+        getattr(model, layer).weight.add_(0.05 * torch.randn_like(getattr(model, layer).weight))
+        with caplog.at_level("INFO", logger="chipmunk_compile"):
+            got = compiled(x, torch.tensor([950.0]))  # generation 2 (timestep rose), step 0
+        want = model(x, torch.tensor([950.0]))
+    assert f"weights ({'key' if layer == 'fc1' else 'w2'}) of mlp site 0 changed" in caplog.text, caplog.text
+    (site,) = chipmunk_compile.report(compiled).by_kind("mlp", "rewritten")
+    assert site.sparse_calls == 2 and site.dense_calls == 2, (site.dense_calls, site.sparse_calls)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_a_module_applied_twice_per_forward_gets_two_sites():
     """Weight tying / one MLP module called twice in a forward: each use keeps its own caches. Keyed by the
     weight alone, the second use ran on the first one's caches (error ~ the output's size at sparse steps);
