@@ -74,9 +74,15 @@ def chipmunk_backend(
     """Entry point for ``torch.compile(model, backend="chipmunk", mode=..., options={...})``.
 
     ``options`` holds our keys (``"preset"``, dotted ``"attention.keep"`` ...; see
-    :class:`~chipmunk_compile.config.ChipmunkConfig`) and Inductor config keys, which are passed on.
+    :class:`~chipmunk_compile.config.ChipmunkConfig`) and Inductor config keys, which are passed on; and
+    ``"mode"``, since ``torch.compile`` refuses ``mode=`` together with ``options=``
+    (``options={"preset": "flux", "mode": "reduce-overhead"}``).
     """
     config, rest = ChipmunkConfig.from_options(options)
+    if "mode" in rest:
+        if mode is not None:
+            raise ConfigError("pass the mode either as mode= or as options['mode'], not both")
+        mode = rest.pop("mode")
     return compile_graph(gm, example_inputs, config, mode=mode, inductor_options=rest)
 
 

@@ -64,6 +64,38 @@ def test_reduce_overhead_mode_is_accepted_and_correct():
                                        atol=1e-5, rtol=1e-5)
 
 
+def test_mode_inside_options(monkeypatch):
+    """torch.compile refuses mode= with options=; options["mode"] carries it (Inductor gets the mode's
+    patches), and giving it both ways, or an unknown mode, is a clear error."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    from chipmunk_compile.backend import chipmunk_backend
+    from chipmunk_compile.config import ConfigError
+
+    with pytest.raises(RuntimeError, match="Either mode or options"):
+        torch.compile(TinyDiT(depth=1, seq=32), backend="chipmunk", mode="reduce-overhead",
+                      options={"preset": "flux"})
+    seen = []
+    real = compile_fx_module.compile_fx
+
+    def spy(gm, inputs, config_patches=None, **kw):
+        seen.append(dict(config_patches or {}))
+        return real(gm, inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    model = TinyDiT(depth=1, seq=32).eval()
+    compiled = torch.compile(model, backend="chipmunk", options={"preset": "flux", "mode": "reduce-overhead"})
+    x = torch.randn(1, 32, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, timestep=torch.tensor([900.0])),
+                                   model(x, timestep=torch.tensor([900.0])), atol=1e-5, rtol=1e-5)
+    assert seen and seen[0].get("triton.cudagraphs") is True, seen
+    with pytest.raises(ConfigError, match="not both"):
+        chipmunk_backend(None, [], mode="reduce-overhead", options={"mode": "default"})
+    with pytest.raises(ConfigError, match="unknown torch.compile mode"):
+        chipmunk_backend(torch.fx.symbolic_trace(torch.nn.Identity()), [], options={"mode": "fastest"})
+
+
 def test_dynamic_true_rewrites_with_symbolic_sizes():
     model = TinyDiT(depth=2, seq=64).eval()
     compiled = torch.compile(model, backend="chipmunk", dynamic=True, fullgraph=True)
