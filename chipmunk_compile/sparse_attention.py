@@ -248,7 +248,7 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
 
 
 def _plain_dense(stats, q, k, v, attn_mask, scale, enable_gqa) -> torch.Tensor:
-    """A dense step followed by a dense step: exact output, nothing cached."""
+    """A dense step that needs no cache (the next step is dense too, or it is the last): exact output."""
     stats.dense_calls += 1
     stats.record("dense (no cache)", fixed_flops=stats.dense_flops, kept_flops=0, counts=None,
                  columns=k.shape[2], kept_static=1.0)
