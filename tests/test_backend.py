@@ -160,22 +160,25 @@ def test_report_of_a_module_compiled_with_two_configs_shows_the_latest():
     assert len(chipmunk_compile.report(compiled, config=first).by_kind("attention", "rewritten")) == 2
 
 
+class _TanhMlp(torch.nn.Module):
+    """One GELU-tanh MLP site, 16 -> 64 -> 16, with biases; forward(x, timestep)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 64)
+        self.fc2 = torch.nn.Linear(64, 16)
+
+    def forward(self, x, timestep):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
 @pytest.mark.parametrize("layer", ["fc1", "fc2"])
 def test_weights_changed_in_place_mid_generation_drop_the_mlp_caches(layer):
     """A LoRA fused in place (into W1, the site's key, or into W2 alone) must not leave sparse steps mixing
     caches of the old weights with deltas of the new ones: the next call recomputes densely, exactly."""
 
-    class Mlp(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = torch.nn.Linear(16, 64)
-            self.fc2 = torch.nn.Linear(64, 16)
-
-        def forward(self, x, timestep):
-            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
     torch.manual_seed(0)
-    model = Mlp().eval()
+    model = _TanhMlp().eval()
     compiled = torch.compile(model, backend="chipmunk",
                              options={"mlp.first_dense_layers": 0, "mlp.first_dense_steps": 1, "mlp.keep": 0.25,
                                       "mlp.random_keep": 0.0, "mlp.block": 64})
@@ -199,18 +202,9 @@ def test_model_made_under_inference_mode(layer, caplog):
     inference mode) is seen at the next generation's first call, which drops the site's caches and derived
     weight copies (the transposed W2 of the GPU path) and recomputes densely and exactly."""
 
-    class Mlp(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = torch.nn.Linear(16, 64)
-            self.fc2 = torch.nn.Linear(64, 16)
-
-        def forward(self, x, timestep):
-            return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
     torch.manual_seed(0)
     with torch.inference_mode():
-        model = Mlp().eval()
+        model = _TanhMlp().eval()
         assert model.fc1.weight.is_inference()
         compiled = torch.compile(model, backend="chipmunk",
                                  options={"mlp.first_dense_layers": 0, "mlp.first_dense_steps": 1,
