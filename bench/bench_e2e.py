@@ -84,10 +84,10 @@ def step_kinds(config, steps: int) -> list[tuple]:
     for step in range(steps):
         if not att.enabled:
             att_phase = "off"
-        elif att.is_dense_step(step) and step == steps - 1:  # the last step: nothing to cache for
-            att_phase = "dense"
-        elif att.is_plain_dense_step(step):  # a one-time selection is still made at the first dense step
-            att_phase = "dense" if att.recompute_selection or att_selected else "select, no cache"
+        elif att.is_plain_dense_step(step, last=step == steps - 1):
+            # a one-time selection is still made at the first dense step (unless it is the last)
+            once = not (att.recompute_selection or att_selected or step == steps - 1)
+            att_phase = "select, no cache" if once else "dense"
             att_selected = True
         elif att.is_dense_step(step):
             att_phase = "select" if att.recompute_selection or not att_selected else "refresh"
@@ -96,7 +96,7 @@ def step_kinds(config, steps: int) -> list[tuple]:
             att_phase = "sparse"
         if not mlp.enabled:
             phase = "off"
-        elif mlp.is_plain_dense_step(step) or (mlp.is_dense_step(step) and step == steps - 1):
+        elif mlp.is_plain_dense_step(step, last=step == steps - 1):
             phase, selected_at = "dense", None
         elif mlp.is_dense_step(step):
             phase, selected_at = "cache", None

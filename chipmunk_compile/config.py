@@ -50,11 +50,11 @@ class ScheduleFields:
             return step in self.dense_steps
         return step < self.first_dense_steps or (self.dense_every > 0 and step % self.dense_every == 0)
 
-    def is_plain_dense_step(self, step: int) -> bool:
-        """A dense step followed by another dense step: exact output only, no selection and no caches (the
-        next step remakes them from its own inputs). Of a run of consecutive dense steps, only the last one
-        selects and caches; the original method's step 0 likewise runs plain dense attention."""
-        return self.is_dense_step(step) and self.is_dense_step(step + 1)
+    def is_plain_dense_step(self, step: int, last: bool = False) -> bool:
+        """A dense step that makes no caches: the next step is dense too (it remakes them from its own inputs),
+        or it is the generation's ``last`` step. Of a run of consecutive dense steps, only the last one selects
+        and caches; the original method's step 0 likewise runs plain dense attention."""
+        return self.is_dense_step(step) and (last or self.is_dense_step(step + 1))
 
     def _validate_schedule(self, prefix: str) -> None:
         if self.dense_steps is not None:

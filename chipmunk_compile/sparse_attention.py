@@ -169,8 +169,8 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
     # re-made at every dense step, it runs plain dense attention; where it is made once (recompute_selection
     # off), the first dense step still selects: on the reference DiT, the flux preset selecting at step 1
     # instead of step 0 lost 2.2 dB (CPU, 8 samples; README).
-    plain = cfg.is_plain_dense_step(info.step)
-    if (plain and cfg.recompute_selection) or (info.last and cfg.is_dense_step(info.step)):  # nothing follows
+    plain = cfg.is_plain_dense_step(info.step, info.last)
+    if plain and (cfg.recompute_selection or info.last):
         return _plain_dense(stats, q, k, v, attn_mask, scale, enable_gqa)
 
     entry: AttentionCache | None = site.cache(info.stream, info.generation)

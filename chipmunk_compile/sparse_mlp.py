@@ -226,8 +226,7 @@ def run_mlp(
     if entry is not None and entry.out.shape != (bsz, s, dout):
         entry = None
     first_layers = site.ordinal < cfg.first_dense_layers
-    # the next step is dense too and caches itself, or a last step: nothing follows
-    plain = cfg.is_plain_dense_step(info.step) or (info.last and cfg.is_dense_step(info.step))
+    plain = cfg.is_plain_dense_step(info.step, info.last)  # the next step caches, or nothing follows
     if first_layers or plain or entry is None or cfg.is_dense_step(info.step):
         stats.dense_calls += 1
         if first_layers or plain:
