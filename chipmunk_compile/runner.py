@@ -199,7 +199,8 @@ def _loop_index(frame: Any, max_depth: int = 64) -> tuple[int, int] | None:
     for _ in range(max_depth):
         if frame is None:
             return None
-        names = frame.f_code.co_varnames
+        code = frame.f_code
+        names = code.co_varnames + code.co_cellvars  # cells: locals a closure or generator expression reads
         if "timesteps" in names and "i" in names and "t" in names:
             local = frame.f_locals
             i, t, ts = local.get("i"), local.get("t"), local.get("timesteps")

@@ -29,6 +29,36 @@ def test_offloaded_caches_give_the_same_outputs():
     torch.testing.assert_close(outs["always"], outs["never"], atol=0, rtol=0)
 
 
+def _loop(compiled, noise, steps, cfg_calls):
+    """A diffusers-style ``for i, t in enumerate(timesteps)`` Euler loop (the runner knows its last step)."""
+    timesteps = torch.linspace(1000.0, 1000.0 / steps, steps, device=noise.device)
+    x = noise
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):  # noqa: B007 - the runner reads `i` from this frame
+            v = sum(compiled(x, timestep=t.expand(x.shape[0]) * 1.0) for _ in range(cfg_calls)) / cfg_calls
+            x = x - v / steps
+    return x
+
+
+@pytest.mark.gpu
+def test_offloaded_caches_across_generations_of_a_diffusers_style_loop():
+    """Two generations of a loop whose last step is known (caches dropped after it, no prefetch past it),
+    with two CFG calls per step: offloaded caches give exactly the on-GPU results, and after each generation
+    no site holds a cache."""
+    outs = {}
+    for mode in ("never", "always"):
+        torch._dynamo.reset()
+        model = TinyDiT(channels=16, dim=256, heads=4, depth=4, seq=512).cuda().eval()
+        compiled = torch.compile(model, backend="chipmunk", options=dict(OPTS, offload=mode))
+        noise = torch.randn(1, 512, 16, generator=torch.Generator().manual_seed(0)).cuda()
+        outs[mode] = [_loop(compiled, noise, steps=12, cfg_calls=2) for _ in range(2)]
+        (state,) = chipmunk_compile.states_of(model)
+        assert not any(site.caches for site in state.sites)
+        assert state.offloader is None or not state.offloader._inflight
+    for a, b in zip(outs["always"], outs["never"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_offload_option_is_validated():
     with pytest.raises(chipmunk_compile.ConfigError, match="offload"):
         chipmunk_compile.ChipmunkConfig().with_overrides({"offload": "sometimes"})

@@ -89,6 +89,24 @@ def test_denoising_loop_index_drives_the_clock_without_reading_the_timestep(monk
                    (2, 0, 0), (2, 0, 1), (2, 1, 0), (2, 1, 1), (2, 2, 0), (2, 2, 1)]
 
 
+def test_loop_variables_read_by_a_generator_expression_are_found():
+    """``t`` read inside a generator expression in the loop body (two CFG calls summed) is a cell variable of
+    the loop's frame, not a plain local: the loop index must still be found (else each step reads the value,
+    a device sync on a GPU, and the last step is unknown)."""
+    import torch
+
+    from chipmunk_compile import runner
+
+    found = []
+
+    def loop(timesteps):
+        for i, t in enumerate(timesteps):  # noqa: B007 - read from this frame
+            sum(found.append(runner._loop_index(__import__("sys")._getframe())) or t for _ in range(1))
+
+    loop(torch.linspace(1000, 100, 3))
+    assert found == [(0, 3), (1, 3), (2, 3)]
+
+
 def test_loop_without_timestep_elements_falls_back_to_the_value():
     """``t`` that is not a view of ``timesteps[i]`` (here a copy): the runner reads the timestep value."""
     import torch
