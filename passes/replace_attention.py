@@ -7,6 +7,8 @@ broadcasts over queries: shape (B|1, H|1, 1, S)). Everything else stays dense wi
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.fx as fx
 from chipmunk_compile.passes.graph_utils import (
@@ -37,8 +39,38 @@ def _shape(v) -> tuple:
     return tuple(hint(s) if hint(s) is not None else str(s) for s in v.shape) if v is not None else ()
 
 
-def check_attention(node: fx.Node, cfg: AttentionConfig) -> tuple[str | None, dict]:
-    """Why the SDPA ``node`` must stay dense (None if it can be rewritten), and its parsed arguments."""
+def input_dependencies(gm: fx.GraphModule) -> dict[fx.Node, frozenset]:
+    """For every node, the graph's tensor inputs it depends on (placeholders that are not weights or buffers).
+
+    One pass in topological order. It tells cross-attention from self-attention when the query and key
+    lengths happen to be equal (a text length equal to the token count): cross-attention keys and values come
+    from the text / conditioning input alone, while the queries depend on more; a self or joint attention's
+    keys depend on every input its queries do. Keys from unnamed inputs (a graph cut right before the
+    attention) prove nothing: such a site is taken as self-attention, as its equal lengths suggest.
+    """
+    deps: dict[fx.Node, frozenset] = {}
+    empty: frozenset = frozenset()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            deps[n] = frozenset((n,)) if isinstance(value(n), torch.Tensor) and not is_weight(n) else empty
+            continue
+        parents = [deps[p] for p in n.all_input_nodes if deps.get(p)]
+        deps[n] = empty if not parents else parents[0] if len(parents) == 1 else frozenset().union(*parents)
+    return deps
+
+
+def _input_name(node: fx.Node) -> str:
+    """A graph input's user-facing name: ``hidden_states`` for Dynamo's ``L['kwargs']['hidden_states']``."""
+    src = source_name(node) or node.name
+    found = re.findall(r"\['([^']+)'\]", src)
+    return found[-1] if found else src
+
+
+def check_attention(
+    node: fx.Node, cfg: AttentionConfig, deps: dict[fx.Node, frozenset] | None = None
+) -> tuple[str | None, dict]:
+    """Why the SDPA ``node`` must stay dense (None if it can be rewritten), and its parsed arguments.
+    ``deps``: :func:`input_dependencies` of the graph (without it, only the lengths tell cross-attention)."""
     q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
     mask = arg(node, 3, "attn_mask")
     dropout_p = arg(node, 4, "dropout_p", 0.0)
@@ -65,6 +97,11 @@ def check_attention(node: fx.Node, cfg: AttentionConfig) -> tuple[str | None, di
         return f"dtype {qv.dtype} (supported: fp16, bf16, fp32, all equal)", parsed
     if not same_size(qv.shape[2], kv.shape[2]):
         return f"cross-attention (query length {_shape(qv)[2]}, key length {_shape(kv)[2]})", parsed
+    if deps is not None:  # equal lengths: cross-attention all the same if the keys come from the text alone
+        qd, kd = deps.get(q, frozenset()), deps.get(k, frozenset()) | deps.get(v, frozenset())
+        if kd and not qd <= kd and all(_is_encoder_input(n) for n in kd):
+            names = ", ".join(sorted(_input_name(n) for n in kd))
+            return f"cross-attention (keys and values come from {names} only)", parsed
     sk = hint(kv.shape[2])
     if sk is not None and sk < cfg.min_seq_len:
         return f"sequence length {sk} below attention.min_seq_len={cfg.min_seq_len}", parsed
@@ -123,23 +160,31 @@ def _text_span(k: fx.Node, sk: int | None) -> tuple[int, int]:
     return 0, 0
 
 
+def _encoder_like(name: str) -> bool:
+    return "encoder" in name or "context" in name or "text" in name
+
+
+def _is_encoder_input(node: fx.Node) -> bool:
+    """A graph input named like the text / conditioning stream (``encoder_hidden_states``, ``context``...)."""
+    return node.op == "placeholder" and _encoder_like(_input_name(node))
+
+
 def _from_encoder(node: fx.Node) -> bool:
-    for n in [node, *ancestors(node, limit=32)]:
-        if n.op == "placeholder":
-            src = source_name(n) or n.name
-            if "encoder" in src or "context" in src or "text" in src:
-                return True
-    return False
+    """Whether ``node`` comes from the text stream: a graph input (user input or weight) among its nearest
+    ancestors has a source name that mentions encoder, context or text."""
+    return any(n.op == "placeholder" and _encoder_like(source_name(n) or n.name)
+               for n in [node, *ancestors(node, limit=32)])
 
 
 def replace_attention(gm: fx.GraphModule, cfg: AttentionConfig, plan: Plan) -> int:
     """Rewrite every eligible SDPA node; record every candidate in ``plan``. Returns the rewrite count."""
     n_rewritten = 0
     used_keys: set[fx.Node] = set()
+    deps = input_dependencies(gm) if any(is_call(n, SDPA_TARGETS) for n in gm.graph.nodes) else {}
     for node in list(gm.graph.nodes):
         if not is_call(node, SDPA_TARGETS):
             continue
-        reason, p = check_attention(node, cfg)
+        reason, p = check_attention(node, cfg, deps)
         qv, kv, vv = value(p["q"]), value(p["k"]), value(p["v"])
         shapes = {"q": _shape(qv), "k": _shape(kv), "v": _shape(vv)}
         if p["mask"] is not None:

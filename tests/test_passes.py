@@ -113,6 +113,30 @@ def test_cross_attention_stays_dense():
     assert site.status == "dense" and "cross-attention" in site.reason
 
 
+class _CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, hidden_states, encoder_hidden_states):
+        b, s, _ = hidden_states.shape
+        q = self.to_q(hidden_states).view(b, s, 2, 4).transpose(1, 2)
+        k, v = (f(encoder_hidden_states).view(b, -1, 2, 4).transpose(1, 2) for f in (self.to_k, self.to_v))
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("text_len", [16, 12])
+def test_cross_attention_stays_dense_even_with_equal_lengths(text_len):
+    """Keys from encoder_hidden_states alone: cross-attention, also when the text happens to be as long as
+    the token sequence (a small image or video, e.g. Wan at 256x512 px, 1 frame: 512 tokens and 512 text
+    tokens), which the lengths alone took for self-attention."""
+    site = _only(_compile_and_report(_CrossAttention(), torch.randn(1, 16, 8), torch.randn(1, text_len, 8)),
+                 "attention")
+    assert site.status == "dense" and "cross-attention" in site.reason, site.reason
+    if text_len == 16:
+        assert "encoder_hidden_states only" in site.reason, site.reason
+
+
 def test_gqa_attention_is_rewritten():
     class Gqa(nn.Module):
         def __init__(self):
