@@ -44,3 +44,36 @@ def test_flux_pipeline_with_compiled_transformer():
     # the pipeline's loop is `for i, t in enumerate(timesteps)`: one generation each, caches freed after the last
     (state,) = chipmunk_compile.states_of(model)
     assert state.clock.generation == 1 and not any(site.caches for site in state.sites)
+
+
+def test_wan_pipeline_with_cfg_as_two_calls_and_text_as_long_as_the_video():
+    """WanPipeline calls the transformer twice per step (conditional, then unconditional): two CFG streams.
+    Its tiny video here has 8 tokens, as many as the text: the cross-attention must still stay dense."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                                        num_layers=3, rope_max_seq_len=32).eval()
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler())
+    gen = torch.Generator().manual_seed(1)
+    kwargs = dict(prompt_embeds=torch.randn(1, 8, 32, generator=gen),
+                  negative_prompt_embeds=torch.randn(1, 8, 32, generator=gen),
+                  height=32, width=32, num_frames=5, num_inference_steps=8, guidance_scale=5.0, output_type="pt")
+    dense = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    pipe.transformer = torch.compile(pipe.transformer, backend="chipmunk", options={"preset": "wan"})
+    out = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    rel = float((out - dense).norm() / dense.norm())
+    assert out.shape == dense.shape and 0 < rel < 0.02, rel
+    report = chipmunk_compile.report(pipe.transformer)
+    self_attn = report.by_kind("attention", "rewritten")
+    cross = [s for s in report.by_kind("attention", "dense") if s.name.endswith("attn2")]
+    assert [s.name for s in self_attn] == [f"blocks.{i}.attn1" for i in range(3)], str(report)
+    assert len(cross) == 3 and all("encoder_hidden_states only" in s.reason for s in cross), str(report)
+    # 8 steps x 2 calls; dense at steps 0 and 1 (wan: first 2 steps, then every 10)
+    assert self_attn[2].dense_calls == 4 and self_attn[2].sparse_calls == 12, str(report)
+    (state,) = chipmunk_compile.states_of(transformer)
+    assert not any(site.caches for site in state.sites)
