@@ -1,8 +1,9 @@
 """Pass: replace eligible ``F.scaled_dot_product_attention`` calls with ``torch.ops.chipmunk.attention``.
 
-Eligible: self/joint attention (query and key lengths provably equal), rank 4 (B, H, S, D) in any
-memory layout, fp16/bf16/fp32, no dropout, not causal, and no mask or a key-padding mask (one that
-broadcasts over queries: shape (B|1, H|1, 1, S)). Everything else stays dense with the reason recorded.
+Eligible: self/joint attention (query and key lengths provably equal, keys not from the text input
+alone), rank 4 (B, H, S, D) in any memory layout, fp16/bf16/fp32, no dropout, not causal, and no mask or
+a key-padding mask (one that broadcasts over queries: shape (B|1, H|1, 1, S)). Everything else stays
+dense with the reason recorded.
 """
 
 from __future__ import annotations
