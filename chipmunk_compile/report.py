@@ -114,6 +114,8 @@ def _rows(state: ModelState, names: dict[int, str]) -> list[SiteReport]:
         row.dense_calls, row.sparse_calls = st.dense_calls, st.sparse_calls
         row.last_phase, row.backend, row.errors = st.last_phase, st.backend, list(st.errors)
         row.cache_location = st.cache_location
+        if st.text_span:
+            row.variant = f"{row.variant} {st.text_span}".strip()
         out.append(row)
         ran.add((rec.kind, rec.name, rec.status))
     # Sites that have not run (dense ones never create state). A recompiled graph repeats the records of

@@ -159,6 +159,8 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
     sk = k.shape[2]
     scale_f = float(scale) if scale is not None else d**-0.5
     stats = site.stats
+    if cfg.keep_text_keys:
+        text_start, text_len = _text_span(ctx.state, stats, sk, text_start, text_len)
     if site.ordinal < cfg.first_dense_layers:
         stats.dense_calls += 1
         stats.record("dense (first layers)", fixed_flops=stats.dense_flops, kept_flops=0, counts=None,
@@ -245,6 +247,23 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
         err = (out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)
         stats.errors.append((info.step, float(err)))
     return out
+
+
+def _text_span(state, stats, sk: int, text_start: int, text_len: int) -> tuple[int, int]:
+    """The site's text keys (start, length) for ``keep_text_keys``. The pass finds them where the keys are a
+    concatenation of separately projected image and text parts (double-stream blocks). Single-stream blocks
+    project the already joined sequence, and in a whole-model graph nothing near their keys names the text:
+    such a site takes the span the model's other sites of the same key length showed (same joint sequence),
+    and the report says so."""
+    if text_len:
+        state.text_spans[sk] = (text_start, text_len)  # refreshed each call: a new prompt length moves it
+        return text_start, text_len
+    span = state.text_spans.get(sk)
+    if span is None:
+        return text_start, text_len
+    if not stats.text_span:
+        stats.text_span = f"text[{span[0]}:{span[0] + span[1]}] (from the sites of the same key length)"
+    return span
 
 
 def _plain_dense(stats, q, k, v, attn_mask, scale, enable_gqa) -> torch.Tensor:

@@ -125,6 +125,7 @@ class SiteStats:
     errors: list[tuple[int, float]] = field(default_factory=list)
     backend: str = ""
     cache_location: str = ""
+    text_span: str = ""  # a text-key span taken at run time from the model's other sites (see sparse_attention)
     _counts: torch.Tensor | None = None
     _columns: int = 1
     _fixed_flops: int = 0
@@ -277,6 +278,8 @@ class ModelState:
         self.generator.manual_seed(config.seed)
         self._device_generators: dict[torch.device, torch.Generator] = {}
         self._seed_counter = itertools.count()
+        # key length -> (start, length) of the text keys, from attention sites whose graph shows the span
+        self.text_spans: dict[int, tuple[int, int]] = {}
 
     def touch(self) -> None:
         self.last_active = next(self._stamps)

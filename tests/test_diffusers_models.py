@@ -127,3 +127,30 @@ def test_mochi_attention_with_captured_dynamic_output_shapes():
             compiled(**spec.inputs(torch.tensor([t])))
     attn = chipmunk_compile.report(compiled).by_kind("attention", "rewritten")
     assert len(attn) == 1 and attn[0].sparse_calls == 1
+
+
+def test_single_stream_blocks_keep_the_text_keys_in_a_whole_model_graph():
+    """keep_text_keys (the hunyuan preset): a single-stream block projects the already joined sequence, so its
+    graph shows no text span; it takes the span its double-stream blocks showed (same key length), and every
+    unmasked text key is in each of its query groups' selections, as in regional compilation."""
+    spec = MODELS["hunyuan"]
+    model = spec.build().eval()
+    compiled = torch.compile(model, backend=chipmunk_compile.backend(
+        chipmunk_compile.ChipmunkConfig.from_name("hunyuan").with_overrides({"attention.first_dense_layers": 0})))
+    with torch.no_grad():
+        for t in (1000.0, 900.0):  # step 0 plain dense, step 1 selects
+            compiled(**spec.inputs(torch.tensor([t])))
+    rows = {s.name: s for s in chipmunk_compile.report(compiled).by_kind("attention", "rewritten")}
+    double, single = rows["transformer_blocks.0.attn"], rows["single_transformer_blocks.0.attn"]
+    assert "text[128:136]" in double.variant and "(from" not in double.variant, double.variant
+    assert "text[128:136] (from the sites of the same key length)" in single.variant, single.variant
+    (state,) = chipmunk_compile.states_of(model)
+    for site in state.sites:
+        entry = site.cache(0, state.clock.generation) if site.kind == "attention" else None
+        if entry is None:
+            continue
+        idx, counts = entry.indices, entry.counts
+        for h in range(idx.shape[1]):
+            for g in range(idx.shape[2]):
+                chosen = set(idx[0, h, g, : counts[0, h, g]].tolist())
+                assert set(range(128, 134)) <= chosen  # the 6 unmasked text keys (2 are padding)
