@@ -11,13 +11,18 @@ OPTS = {"attention.keep": 0.2, "attention.first_dense_layers": 1, "mlp.first_den
         "attention.query_group": 128, "mlp.block": 128}
 
 
+def _compiled_on_gpu(offload: str):
+    """A fresh TinyDiT (512 tokens, head dim 64) on CUDA and its chipmunk compile with ``offload``."""
+    torch._dynamo.reset()
+    model = TinyDiT(channels=16, dim=256, heads=4, depth=4, seq=512).cuda().eval()
+    return model, torch.compile(model, backend="chipmunk", options=dict(OPTS, offload=offload))
+
+
 @pytest.mark.gpu
 def test_offloaded_caches_give_the_same_outputs():
     outs = {}
     for mode in ("never", "always"):
-        torch._dynamo.reset()
-        model = TinyDiT(channels=16, dim=256, heads=4, depth=4, seq=512).cuda().eval()
-        compiled = torch.compile(model, backend="chipmunk", options=dict(OPTS, offload=mode))
+        model, compiled = _compiled_on_gpu(mode)
         noise = torch.randn(2, 512, 16, generator=torch.Generator().manual_seed(0)).cuda()
         outs[mode] = denoise(compiled, noise, steps=12)
         rows = chipmunk_compile.report(compiled).by_kind("attention", "rewritten")
@@ -47,9 +52,7 @@ def test_offloaded_caches_across_generations_of_a_diffusers_style_loop():
     no site holds a cache."""
     outs = {}
     for mode in ("never", "always"):
-        torch._dynamo.reset()
-        model = TinyDiT(channels=16, dim=256, heads=4, depth=4, seq=512).cuda().eval()
-        compiled = torch.compile(model, backend="chipmunk", options=dict(OPTS, offload=mode))
+        model, compiled = _compiled_on_gpu(mode)
         noise = torch.randn(1, 512, 16, generator=torch.Generator().manual_seed(0)).cuda()
         outs[mode] = [_loop(compiled, noise, steps=12, cfg_calls=2) for _ in range(2)]
         (state,) = chipmunk_compile.states_of(model)
