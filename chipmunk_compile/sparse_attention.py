@@ -229,8 +229,8 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
         stats.dense_calls += 1
         stats.record("dense+select" if select else "dense+refresh", fixed_flops=stats.dense_flops + extra,
                      kept_flops=stats.dense_flops, counts=entry.counts, columns=sk)
-        if offloader is not None:
-            offloader.prefetch_after(okey, wrap=not info.last)
+        if offloader is not None:  # not the last step: a dense last step returned above
+            offloader.prefetch_after(okey)
         return o
 
     cache, indices = entry.tensors(offloader, okey)
