@@ -32,15 +32,16 @@ S, DIN, F_UNITS, DOUT, K_UNITS = 4352, 3072, 12288, 3072, 4352
 HEADS, HEAD_DIM, KEYS = 24, 128, 672
 
 _D = csm.default_config(False)
+# Besides the default: tiles whose pipeline buffers leave room for two programs per SM (their epilogues and
+# the last, partial wave of the grid then overlap another program's main loop).
 MLP_CONFIGS = {
     "default": _D,
-    "down w8 s4": replace(_D, down_warps=8, down_stages=4),
-    "down w4 s4": replace(_D, down_warps=4, down_stages=4),
-    "down w4 s6": replace(_D, down_warps=4, down_stages=6),
-    "down w4 s7": replace(_D, down_warps=4, down_stages=7),
-    "down w8 s5": replace(_D, down_warps=8, down_stages=5),
-    "down w4 s8 bk32": replace(_D, down_warps=4, down_stages=8, down_bk=32),
-    "up s6 bk32": replace(_D, up_stages=6, up_bk=32),
+    "down s3 (2/SM)": replace(_D, down_stages=3),
+    "down bk32 s6 (2/SM)": replace(_D, down_bk=32, down_stages=6),
+    "down bk32 s8": replace(_D, down_bk=32, down_stages=8),
+    "up 128x128 s4 (2/SM)": replace(_D, up_bn=128, up_stages=4),
+    "up 128x128 bk32 s6 (2/SM)": replace(_D, up_bn=128, up_bk=32, up_stages=6),
+    "up bk32 s7": replace(_D, up_bk=32, up_stages=7),
 }
 _K = csa.KernelConfig
 ATTN_CONFIGS = {

@@ -71,22 +71,27 @@ def hidden_activation(x, w1, b1, activation: str, gated: bool) -> tuple[torch.Te
     return h, activate(h, activation)
 
 
-def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, S, C) -> (B, nb, C) fp32 means over consecutive blocks of ``block`` tokens (last may be short).
+def block_means(x: torch.Tensor, block: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, S, C) -> (B, nb, C) means over consecutive blocks of ``block`` tokens (last may be short), in
+    ``dtype`` (fp32, or x's dtype: the fp32 means rounded once).
 
     Accumulates in fp32 without materialising an fp32 copy of ``x`` (on dense steps x is the whole
     pre-activation, B·S·F elements).
     """
     b, s, c = x.shape
     full, tail = divmod(s, block)
-    if not tail:  # one op: this runs on every selection step, where host time matters
-        return torch.mean(x.view(b, full, block, c), dim=2, dtype=torch.float32)
+    if not tail and x.is_cuda:
+        # one kernel: this runs on every selection step. CUDA reduces 16-bit inputs in fp32 and rounds the
+        # fp32 mean once, so asking for x's dtype here equals the fp32 mean cast afterwards.
+        return torch.mean(x.view(b, full, block, c), dim=2, dtype=dtype)
+    if not tail:
+        return torch.mean(x.view(b, full, block, c), dim=2, dtype=torch.float32).to(dtype)
     parts = []
     if full:
         parts.append(torch.sum(x[:, : full * block].reshape(b, full, block, c), dim=2, dtype=torch.float32) / block)
     if tail:
         parts.append(torch.sum(x[:, full * block :], dim=1, keepdim=True, dtype=torch.float32) / tail)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).to(dtype)
 
 
 def _select_units(site: SiteState, diff: torch.Tensor, k_top: int, n_rand: int, seed: int) -> torch.Tensor:
@@ -246,11 +251,13 @@ def run_mlp(
     k_top, n_rand = padded_budget(cfg.keep, cfg.random_keep, f, mlp_kernels.unit_multiple(gated, x3.dtype))
     sel_flops = 0
     if entry.indices is None or info.step - entry.selected_at >= cfg.selection_every:
-        bm = F.linear(block_means(x3, cfg.block).to(x3.dtype), w1, b1).float()  # (B, nb, F or 2F)
+        # (B, nb, F or 2F) in x's dtype; the fused selection reads it as is, the PyTorch path widens it
+        bm = F.linear(block_means(x3, cfg.block, x3.dtype), w1, b1)
         seed = ctx.state.next_seed()
         # refresh the reference block means of the chosen units only (unchosen ones keep drifting)
         idx = _select_units_fused(site, bm, entry.block_mean, gated, k_top, n_rand, seed)
         if idx is None:
+            bm = bm.float()
             diff = torch.sub(bm, entry.block_mean).abs_()
             if gated:
                 diff = diff[..., :f] + diff[..., f:]

@@ -12,11 +12,10 @@ generator state, no ``torch.rand`` tensor.
 
 Why one kernel: the PyTorch version (topk, rand, scatter, topk, cat, sort, ...) is ~15 small launches,
 about 0.6 ms of host time per MLP site on FLUX, while the GPU work is microseconds. Here one program
-handles one row, kept in registers (N <= 32768): each k-largest search builds its threshold bit by bit from
-the top, counting ``keys >= candidate`` over the row (at most 32 block reductions on an order-preserving
-uint32 image of the key, fewer when exactly k keys reach a prefix early), then resolves ties at the
-threshold with a prefix sum; a last prefix sum over the union gives each chosen column its output slot, so
-the output is sorted with no sort. No host sync, no atomics, deterministic.
+handles one row, kept in registers (N <= 32768): each k-largest search finds its threshold by a radix
+select on an order-preserving uint32 image of the key (four 256-bin histograms, 8 bits at a time from the
+top), then resolves ties at the threshold with a prefix sum; a last prefix sum over the union gives each
+chosen column its output slot, so the output is sorted with no sort. No host sync, no atomics, deterministic.
 
 ``select_columns_ref`` computes the same thing (same hash, same tie rule) with PyTorch sorts, so the
 kernel must match it exactly.
@@ -57,24 +56,29 @@ def _fmix32(h):
 def _take_largest(keys, k):
     """Mask of the ``k`` largest of ``keys`` (uint32), ties to lower index. Key 0 is never taken: the
     caller gives at least ``k`` nonzero keys, so the threshold is >= 1."""
-    # Build the k-th largest key bit by bit: keep a bit if at least k keys are >= the prefix with it set.
-    # Stop early once exactly k keys are >= the threshold: they are then the k largest, whatever the
-    # remaining bits (this happens as soon as the prefix separates the k-th largest key from the next one,
-    # so never when they are equal). The MLP re-selection at FLUX's size went from 58 to 48 µs with it
-    # (H100, bench/results/flux_kernels_NVIDIA-H100_session4_run3.csv).
+    # Radix select of the k-th largest key, 8 bits at a time from the top: a 256-bin histogram of the next
+    # digit among the keys that match the prefix found so far gives, by a suffix sum, the digit at which
+    # the count of keys >= prefix reaches k. Four histogram passes replace the 32 (early-stopped: ~20) block
+    # reductions of a bit-by-bit search, which left the row's latency chain at ~48 µs for FLUX's MLP
+    # re-selection (H100, bench/results/flux_kernels_NVIDIA-H100_session4_run3.csv).
+    bins = tl.arange(0, 256)
     thr = tl.zeros((), dtype=tl.uint32)
-    bit = tl.full((), 0x80000000, dtype=tl.uint32)
-    count = tl.zeros((), dtype=tl.int32)
-    while (bit != 0) & (count != k):
-        cand = thr | bit
-        count = tl.sum((keys >= cand).to(tl.int32), axis=0)
-        thr = tl.where(count >= k, cand, thr)
-        bit = bit >> 1
-    above = keys > thr
-    need = k - tl.sum(above.to(tl.int32), axis=0)
+    need = k  # keys still to take among those that match the prefix
+    for i in tl.static_range(4):
+        shift: tl.constexpr = 24 - 8 * i
+        digit = ((keys >> shift) & 0xFF).to(tl.int32)
+        if i == 0:
+            hist = tl.histogram(digit, 256)
+        else:
+            hist = tl.histogram(digit, 256, mask=(keys >> (shift + 8)) == (thr >> (shift + 8)))
+        ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # matching keys with digit >= bin
+        d = tl.max(tl.where(ge >= need, bins, 0), axis=0)
+        need -= tl.sum(tl.where(bins > d, hist, 0), axis=0)
+        thr = thr | (d.to(tl.uint32) << shift)
+    # thr is the k-th largest key; `need` of the keys equal to it are taken, lowest index first
     tied = keys == thr
     rank = tl.cumsum(tied.to(tl.int32), axis=0)
-    return above | (tied & (rank <= need))
+    return (keys > thr) | (tied & (rank <= need))
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """MLP unit re-selection in one launch: drift score, top-k + random choice, and reference refresh.
 
-On a selection step the sparse MLP compares the block means of its pre-activation, ``bm``, with the
-reference it keeps, ``ref`` (both fp32, (B, nb, F) plain or (B, nb, 2F) gated as ``[u | g]``). Per row
+On a selection step the sparse MLP compares the block means of its pre-activation, ``bm`` (the first
+linear's output on the token-block means: fp32, bf16 or fp16), with the fp32 reference it keeps, ``ref``
+(both (B, nb, F) plain or (B, nb, 2F) gated as ``[u | g]``). Per row
 ``r`` of the R = B·nb rows::
 
     score[r, j] = |bm[r, j] - ref[r, j]|                                   (plain, j < F)
@@ -53,9 +54,11 @@ def _select_units_drift_kernel(
         base = row.to(tl.int64) * (2 * F) + cols
     else:
         base = row.to(tl.int64) * F + cols
-    score = tl.abs(tl.load(bm_ptr + base, mask=in_row, other=0.0) - tl.load(ref_ptr + base, mask=in_row, other=0.0))
+    # bm may be 16-bit (the linear's own output dtype: no cast kernel before this one); exact in fp32
+    score = tl.abs(tl.load(bm_ptr + base, mask=in_row, other=0.0).to(tl.float32)
+                   - tl.load(ref_ptr + base, mask=in_row, other=0.0))
     if GATED:
-        score += tl.abs(tl.load(bm_ptr + base + F, mask=in_row, other=0.0)
+        score += tl.abs(tl.load(bm_ptr + base + F, mask=in_row, other=0.0).to(tl.float32)
                         - tl.load(ref_ptr + base + F, mask=in_row, other=0.0))
     # The score is >= +0.0 (abs, then a sum of two), where select_topk_random's order-preserving uint32 image
     # of fp32 is the bits with the sign bit set. Padding gets 0, below every real key.
@@ -65,9 +68,9 @@ def _select_units_drift_kernel(
     tl.store(out_ptr + row.to(tl.int64) * (K_TOP + N_RAND) + slot, cols, mask=chosen)
     # Refresh the chosen units' reference. bm is read again (masked, from L2) rather than kept live in
     # registers through the two 32-step threshold searches.
-    tl.store(ref_ptr + base, tl.load(bm_ptr + base, mask=chosen), mask=chosen)
+    tl.store(ref_ptr + base, tl.load(bm_ptr + base, mask=chosen).to(tl.float32), mask=chosen)
     if GATED:
-        tl.store(ref_ptr + base + F, tl.load(bm_ptr + base + F, mask=chosen), mask=chosen)
+        tl.store(ref_ptr + base + F, tl.load(bm_ptr + base + F, mask=chosen).to(tl.float32), mask=chosen)
 
 
 def _fail(msg: str) -> None:
@@ -101,16 +104,17 @@ def _check_budget(f: int, k_top: int, n_rand: int) -> None:
 def supports(bm: torch.Tensor, ref: torch.Tensor, *, gated: bool) -> str | None:
     """None if the Triton kernel can run on ``bm`` / ``ref``, else a short reason.
 
-    Needs fp32 contiguous tensors of one shape (..., F or 2F) on one CUDA device (or on CPU under
-    ``TRITON_INTERPRET=1``), with F <= ``MAX_COLUMNS`` (a row of scores lives in registers).
+    Needs contiguous tensors of one shape (..., F or 2F) on one CUDA device (or on CPU under
+    ``TRITON_INTERPRET=1``), ``bm`` fp32/bf16/fp16 and ``ref`` fp32, with F <= ``MAX_COLUMNS`` (a row of
+    scores lives in registers).
     """
     dev = bm.device
     if dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
         return f"device {dev.type} (needs CUDA, or CPU under TRITON_INTERPRET=1)"
     if ref.device != dev:
         return f"bm on {dev}, ref on {ref.device}"
-    if bm.dtype != torch.float32 or ref.dtype != torch.float32:
-        return f"dtypes {bm.dtype}, {ref.dtype} (needs float32)"
+    if bm.dtype not in (torch.float32, torch.bfloat16, torch.float16) or ref.dtype != torch.float32:
+        return f"dtypes {bm.dtype}, {ref.dtype} (needs bm float32/bfloat16/float16, ref float32)"
     if bm.shape != ref.shape:
         return f"shapes {tuple(bm.shape)} and {tuple(ref.shape)} differ"
     if not (bm.is_contiguous() and ref.is_contiguous()):
@@ -135,9 +139,10 @@ def select_units_drift(
     """Per row: choose units by drift ``|bm - ref|`` (top ``k_top`` + ``n_rand`` random) and refresh ``ref``.
 
     Args:
-        bm: (B, nb, F) plain or (B, nb, 2F) gated ``[u | g]`` fp32 contiguous, finite: the current block
-            means of the pre-activation (any leading shape: R = B·nb rows).
-        ref: like ``bm``: the reference block means; the chosen units' entries are set to ``bm``'s, in place.
+        bm: (B, nb, F) plain or (B, nb, 2F) gated ``[u | g]`` fp32/bf16/fp16 contiguous, finite: the current
+            block means of the pre-activation (any leading shape: R = B·nb rows).
+        ref: ``bm``'s shape, fp32: the reference block means; the chosen units' entries are set to ``bm``'s
+            (widened to fp32), in place.
         k_top: units taken by score, 1 <= k_top <= F; ties at the threshold go to the lower unit.
         n_rand: units taken at random among the other F - k_top, 0 <= n_rand <= F - k_top.
         seed: any int (taken modulo 2**62); the random part is ``select_topk_random``'s for this seed.

@@ -92,6 +92,19 @@ def test_ties_go_to_lower_columns(n_rand):
     assert torch.equal(sc.select_topk_random(flat, 20, 0, seed=0).cpu(), torch.arange(20).int().expand(2, 20))
 
 
+@pytest.mark.parametrize("n_rand", [0, 13])
+def test_keys_that_differ_only_in_low_bits(n_rand):
+    # The threshold search goes 8 bits at a time from the top: scores 1 + j·ulp share their upper three
+    # bytes, so the k-th largest is found only by the last pass; repeats put ties exactly at the threshold.
+    ulp = torch.finfo(torch.float32).eps
+    j = torch.randint(0, 600, (4, 301), device=DEVICE).float()
+    scores = 1.0 + j * ulp
+    scores[1] = -scores[1]  # negatives: the flipped-bit image
+    out = sc.select_topk_random(scores, 77, n_rand, seed=5)
+    assert torch.equal(out, sc.select_columns_ref(scores, 77, n_rand, seed=5))
+    _check_valid(out, scores, 77, n_rand)
+
+
 def test_extreme_values():
     scores = torch.randn(3, 200, device=DEVICE) * 1e-30
     scores[0, 5] = torch.finfo(torch.float32).max

@@ -55,7 +55,7 @@ def _check(bm: torch.Tensor, ref: torch.Tensor, k_top: int, n_rand: int, seed: i
     f = bm.shape[-1] // 2 if gated else bm.shape[-1]
     cols = torch.cat([idx, idx + f], dim=-1).long() if gated else idx.long()
     chosen = torch.zeros_like(bm, dtype=torch.bool).scatter_(-1, cols, True)
-    assert torch.equal(ref_k[chosen], bm[chosen]) and torch.equal(ref_k[~chosen], ref[~chosen])
+    assert torch.equal(ref_k[chosen], bm[chosen].float()) and torch.equal(ref_k[~chosen], ref[~chosen])
     return idx
 
 
@@ -99,6 +99,20 @@ def test_ties_and_unchanged_rows(gated):
     assert torch.equal(idx.cpu(), torch.arange(20, dtype=torch.int32).expand(2, 3, 20))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_16bit_block_means(dtype, gated):
+    # The op passes the first linear's 16-bit output straight in (no cast kernel): same choice and refresh
+    # as with that output widened to fp32 first, and the fp32 reference keeps its dtype.
+    bm, ref = _inputs((2, 3), 300, gated)
+    bm16 = bm.to(dtype)
+    idx = _check(bm16, ref, 90, 15, seed=4, gated=gated)
+    ref32 = ref.clone()
+    assert torch.equal(idx, su.select_units_drift(bm16.float(), ref32, 90, 15, 4, gated=gated))
+    assert su.supports(bm16, ref, gated=gated) is None
+    assert "ref float32" in su.supports(bm16, ref.to(dtype), gated=gated)
+
+
 def test_seed_and_out_argument():
     bm, ref = _inputs((1, 4), 64, gated=True)
     a = su.select_units_drift(bm, ref.clone(), 12, 8, 11, gated=True)
@@ -131,7 +145,7 @@ def test_validates_inputs():
     with pytest.raises(ValueError, match="float32"):
         call(bm, ref.double(), 4, 0, 0)
     with pytest.raises(ValueError, match="float32"):
-        call(bm.half(), ref, 4, 0, 0)
+        call(bm.double(), ref, 4, 0, 0)
     with pytest.raises(ValueError, match="contiguous"):
         call(bm.transpose(-1, -2), ref.transpose(-1, -2), 4, 0, 0)
     with pytest.raises(ValueError, match="out must be"):
@@ -185,7 +199,7 @@ def test_fused_selection_is_used_on_cuda_only(monkeypatch):
     idx = sparse_mlp._select_units_fused(site, bm, ref_f, True, 8, 2, seed=1)
     assert torch.equal(idx, su.select_units_drift_ref(bm, ref_r, 8, 2, 1, gated=True))
     assert torch.equal(ref_f, ref_r)
-    # Unsupported inputs (not fp32): the caller's PyTorch path, with nothing disabled.
+    # Unsupported inputs (fp64): the caller's PyTorch path, with nothing disabled.
     assert sparse_mlp._select_units_fused(site, bm.double(), ref.double(), True, 8, 2, seed=1) is None
     assert site.selection_kernel_error is None
 
@@ -231,6 +245,17 @@ def test_kernel_gpu_real_shapes(lead, f, k_top, n_rand, gated):
     idx = _check(bm, ref, k_top, n_rand, seed=123, gated=gated)
     ref_u = ref.clone()
     assert torch.equal(idx, _unfused(bm, ref_u, k_top, n_rand, 123, gated))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_block_means_in_16_bits_equal_the_rounded_fp32_means(dtype):
+    # run_mlp asks CUDA for the 16-bit means in one kernel where it used the fp32 means and a cast.
+    from chipmunk_compile.sparse_mlp import block_means
+
+    x = torch.randn(2, 4352, 3072, device="cuda", dtype=dtype) * 3
+    assert torch.equal(block_means(x, 128, dtype), block_means(x, 128).to(dtype))
+    assert torch.equal(block_means(x[:, :4300], 128, dtype), block_means(x[:, :4300], 128).to(dtype))
 
 
 @pytest.mark.gpu
