@@ -65,7 +65,7 @@ def _take_largest(keys, k):
     thr = tl.zeros((), dtype=tl.uint32)
     need = k  # keys still to take among those that match the prefix
     for i in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * i
+        shift = 24 - 8 * i  # a constant: i is unrolled
         digit = ((keys >> shift) & 0xFF).to(tl.int32)
         if i == 0:
             hist = tl.histogram(digit, 256)
