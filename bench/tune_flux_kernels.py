@@ -18,7 +18,6 @@ import argparse
 import csv
 import datetime
 import sys
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +31,10 @@ S, DIN, F_UNITS, DOUT, K_UNITS = 4352, 3072, 12288, 3072, 4352
 HEADS, HEAD_DIM, KEYS = 24, 128, 672
 
 _D = csm.default_config(False)
-# Besides the default: tiles whose pipeline buffers leave room for two programs per SM (their epilogues and
-# the last, partial wave of the grid then overlap another program's main loop).
-MLP_CONFIGS = {
-    "default": _D,
-    "down s3 (2/SM)": replace(_D, down_stages=3),
-    "down bk32 s6 (2/SM)": replace(_D, down_bk=32, down_stages=6),
-    "down bk32 s8": replace(_D, down_bk=32, down_stages=8),
-    "up 128x128 s4 (2/SM)": replace(_D, up_bn=128, up_stages=4),
-    "up 128x128 bk32 s6 (2/SM)": replace(_D, up_bn=128, up_bk=32, up_stages=6),
-    "up bk32 s7": replace(_D, up_bk=32, up_stages=7),
-}
+# The default only. Tried on an H100 in session 7 (bench/results/flux_kernels_NVIDIA-H100_session7.csv): tiles
+# whose pipeline buffers leave room for two programs per SM (mm2 with 3 stages, or 32-wide K steps with 6;
+# mm1 with 128-unit tiles) and deeper 32-wide K pipelines were all slower than the defaults (mm2 by 5-17%).
+MLP_CONFIGS = {"default": _D}
 _K = csa.KernelConfig
 ATTN_CONFIGS = {
     "default": csa._pick_config(HEAD_DIM, 128),
