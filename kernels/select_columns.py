@@ -12,11 +12,11 @@ generator state, no ``torch.rand`` tensor.
 
 Why one kernel: the PyTorch version (topk, rand, scatter, topk, cat, sort, ...) is ~15 small launches,
 about 0.6 ms of host time per MLP site on FLUX, while the GPU work is microseconds. Here one program
-handles one row, kept in registers (N <= 32768): each k-largest search builds its threshold from the top,
-two bits per round, counting ``keys >= candidate`` for three candidates in one block reduction (at most 16
-rounds on an order-preserving uint32 image of the key, fewer when exactly k keys reach a prefix early),
-then resolves ties at the threshold with a prefix sum; a last prefix sum over the union gives each
-chosen column its output slot, so the output is sorted with no sort. No host sync, no atomics, deterministic.
+handles one row, kept in registers (N <= 32768): each k-largest search builds its threshold bit by bit from
+the top, counting ``keys >= candidate`` over the row (at most 32 block reductions on an order-preserving
+uint32 image of the key, fewer when exactly k keys reach a prefix early), then resolves ties at the
+threshold with a prefix sum; a last prefix sum over the union gives each chosen column its output slot, so
+the output is sorted with no sort. No host sync, no atomics, deterministic.
 
 ``select_columns_ref`` computes the same thing (same hash, same tie rule) with PyTorch sorts, so the
 kernel must match it exactly.
@@ -57,33 +57,21 @@ def _fmix32(h):
 def _take_largest(keys, k):
     """Mask of the ``k`` largest of ``keys`` (uint32), ties to lower index. Key 0 is never taken: the
     caller gives at least ``k`` nonzero keys, so the threshold is >= 1."""
-    # Build the k-th largest key from the top, two bits per round: count the keys >= each of the three
-    # candidate prefixes in ONE block reduction (the counts, < 2**21 each, packed into an int64 sum), keep
-    # the largest candidate that at least k keys reach. The rounds are latency (a block-wide reduction
-    # each, one program per row), so halving them is what counts; a 256-bin histogram radix select
-    # (four rounds) was 4.4x slower (240 vs 55 µs on an H100 at FLUX's 34 x 12288).
+    # Build the k-th largest key bit by bit: keep a bit if at least k keys are >= the prefix with it set.
     # Stop early once exactly k keys are >= the threshold: they are then the k largest, whatever the
     # remaining bits (this happens as soon as the prefix separates the k-th largest key from the next one,
-    # so never when they are equal).
+    # so never when they are equal). The MLP re-selection at FLUX's size went from 58 to 48 µs with it
+    # (H100, bench/results/flux_kernels_NVIDIA-H100_session4_run3.csv). Fewer rounds did not help: a radix
+    # select (four 256-bin tl.histogram rounds) took 240 µs, and two bits per round (three candidate counts
+    # packed in one int64 sum) 60.5 µs against this loop's 54.1 (H100, session 7; flux_kernels_*_session7*.csv).
     thr = tl.zeros((), dtype=tl.uint32)
-    shift = tl.full((), 30, dtype=tl.uint32)
+    bit = tl.full((), 0x80000000, dtype=tl.uint32)
     count = tl.zeros((), dtype=tl.int32)
-    done = False
-    while not done:
-        c1 = thr | (1 << shift)
-        c2 = thr | (2 << shift)
-        c3 = thr | (3 << shift)
-        packed = ((keys >= c1).to(tl.int64) + ((keys >= c2).to(tl.int64) << 21)
-                  + ((keys >= c3).to(tl.int64) << 42))
-        total = tl.sum(packed, axis=0)
-        n1 = (total & 0x1FFFFF).to(tl.int32)
-        n2 = ((total >> 21) & 0x1FFFFF).to(tl.int32)
-        n3 = (total >> 42).to(tl.int32)
-        # n1 >= n2 >= n3: take the largest candidate that k keys reach (or keep thr: none does)
-        count = tl.where(n3 >= k, n3, tl.where(n2 >= k, n2, tl.where(n1 >= k, n1, count)))
-        thr = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, thr)))
-        done = (shift == 0) | (count == k)
-        shift = shift - 2
+    while (bit != 0) & (count != k):
+        cand = thr | bit
+        count = tl.sum((keys >= cand).to(tl.int32), axis=0)
+        thr = tl.where(count >= k, cand, thr)
+        bit = bit >> 1
     above = keys > thr
     need = k - tl.sum(above.to(tl.int32), axis=0)
     tied = keys == thr
