@@ -129,7 +129,8 @@ class ChipmunkConfig:
 
     ``offload`` places attention caches (the large ones: B·H·S·D per site and CFG stream) in pinned CPU
     memory, fetched back one site ahead on a side stream: "always", "never", or "auto" (from the first
-    cache that would leave less than ``offload_reserve_gb`` of free GPU memory on). CUDA only; MLP caches,
+    cache that would not fit, with the generation's others, in the GPU memory free at its first cache less
+    ``offload_reserve_gb``). CUDA only; MLP caches,
     updated in place at every sparse step, stay on the GPU.
     """
 

@@ -217,7 +217,7 @@ def _attention_call(ctx, site, q, k, v, attn_mask, scale, enable_gqa, text_start
         )
         entry.counts, entry.index_shape = counts, tuple(indices.shape)
         nbytes = cache.numel() * cache.element_size() + indices.numel() * 4
-        if offloader is not None and ctx.state.should_offload(nbytes, q.device):
+        if offloader is not None and ctx.state.should_offload(nbytes, q.device, okey, info.generation):
             # host copies keep the indices in 2-2.125 bytes each where the key count allows (Wan at 81 frames
             # did not fit the 128 GB host with int32 ones)
             packed = pack_indices_(indices, sk)  # indices are not used after this

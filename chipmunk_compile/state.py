@@ -18,6 +18,7 @@ import contextvars
 import itertools
 import logging
 import weakref
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,6 +275,8 @@ class ModelState:
         self._ordinals: dict[str, int] = {"attention": 0, "mlp": 0}
         self.offloader: Any = None
         self.offload_active = config.offload == "always"
+        # offload "auto": per device, (generation, GPU memory the caches may take in it, bytes per cache key)
+        self._gpu_cache_budget: dict[torch.device, tuple[int, int, dict[Hashable, int]]] = {}
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(config.seed)
         self._device_generators: dict[torch.device, torch.Generator] = {}
@@ -340,17 +343,36 @@ class ModelState:
             self.offloader = CacheOffloader(device)
         return self.offloader
 
-    def should_offload(self, nbytes: int, device: torch.device) -> bool:
-        """Whether a new cache of ``nbytes`` goes to pinned CPU memory (sticky once "auto" turns it on)."""
-        if not self.offload_active and self.config.offload == "auto":
-            free, _ = torch.cuda.mem_get_info(device)
-            # Only what the driver reports: blocks the caching allocator holds unused are often fragments of
-            # segments that also hold live tensors, so they cannot be released (counting them as free, Wan at 81
-            # frames ran out of GPU memory with 14 GB of them reserved; git 647329f)
-            if free - nbytes < self.config.offload_reserve_gb * 2**30:
-                log.warning("chipmunk: GPU memory is short (%.1f GB free); attention caches of this model go "
-                            "to pinned CPU memory from now on", free / 2**30)
-                self.offload_active = True
+    def should_offload(self, nbytes: int, device: torch.device, key: Hashable = None, generation: int = 0) -> bool:
+        """Whether a new cache of ``nbytes`` (for ``key``: one site and stream) goes to pinned CPU memory.
+
+        "auto": caches stay on the GPU while all of this generation's (one per key: a remade cache replaces
+        its key's) fit in what the driver reported free at the generation's first cache, less
+        ``offload_reserve_gb``; from the first one that does not, every cache goes to pinned memory (sticky).
+        The budget is fixed at that first cache because the caching allocator carves caches out of memory it
+        already holds (a dense step's activations) without the driver's free memory moving: checking each
+        cache against the driver alone kept ~60 GB of Wan's caches on the GPU at 81 frames until a forward
+        found no room left in the fragmented pool (session 7). The allocator's held but unused blocks never
+        count as free: they are often fragments of segments that also hold live tensors (with them counted,
+        Wan ran out of memory with 14 GB of them reserved; git 647329f).
+        """
+        if self.offload_active or self.config.offload != "auto":
+            return self.offload_active
+        reserve = int(self.config.offload_reserve_gb * 2**30)
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = self._gpu_cache_budget.get(device)
+        if budget is None or budget[0] != generation:
+            budget = self._gpu_cache_budget[device] = (generation, free - reserve, {})
+        _, limit, held = budget
+        on_gpu = sum(held.values()) - held.get(key, 0)
+        # the driver's free memory is checked too: other memory (MLP caches, the user's) may have grown since
+        if on_gpu + nbytes > limit or free - nbytes < reserve:
+            log.warning("chipmunk: GPU memory is short for this model's attention caches (%.1f GB of them on the "
+                        "GPU, %.1f GB free); they go to pinned CPU memory from now on", on_gpu / 2**30, free / 2**30)
+            self.offload_active = True
+            held.clear()
+        else:
+            held[key] = nbytes
         return self.offload_active
 
     def next_seed(self) -> int:

@@ -79,6 +79,34 @@ def test_offload_is_a_no_op_without_cuda():
     assert "pinned" not in str(report)
 
 
+def test_auto_offload_counts_caches_the_allocator_carves_from_memory_it_holds(monkeypatch, caplog):
+    """offload "auto": the driver's free memory does not move while the caching allocator serves caches
+    from blocks it already holds (a dense step's activations), so caches are counted against what was free
+    at the generation's first cache. With a per-cache driver check alone, all 20 caches of 1 GB stayed on
+    the GPU here (Wan at 81 frames then ran out of memory mid-forward)."""
+    from chipmunk_compile.state import ModelState
+
+    gb = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gb, 80 * gb))  # never moves
+    state = ModelState(chipmunk_compile.ChipmunkConfig().with_overrides({"offload_reserve_gb": 4.0}))
+    dev = torch.device("cuda", 0)
+    with caplog.at_level("WARNING", logger="chipmunk_compile"):
+        kept = [state.should_offload(gb, dev, key=("site", i), generation=1) for i in range(20)]
+    assert kept == [False] * 6 + [True] * 14  # 10 GB free - 4 GB reserve: six 1 GB caches, then pinned memory
+    assert "GPU memory is short" in caplog.text
+
+    # a cache remade for the same site and stream replaces its own bytes; a new generation budgets afresh
+    state = ModelState(chipmunk_compile.ChipmunkConfig().with_overrides({"offload_reserve_gb": 4.0}))
+    assert not any(state.should_offload(gb, dev, key=("site", i % 3), generation=1) for i in range(30))
+    assert not any(state.should_offload(2 * gb, dev, key=("site", i), generation=2) for i in range(3))
+    assert state.should_offload(gb, dev, key=("site", 3), generation=2)  # 6 GB held + 1 > 6 GB budget
+    # the driver's own number still counts (memory taken by others since the generation's first cache)
+    state = ModelState(chipmunk_compile.ChipmunkConfig().with_overrides({"offload_reserve_gb": 4.0}))
+    assert not state.should_offload(gb, dev, key="a", generation=1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(4.5 * gb), 80 * gb))
+    assert state.should_offload(gb, dev, key="b", generation=1)
+
+
 def test_host_memory_check_raises_a_clear_error():
     """Offloading more than the host can spare raises OutOfMemoryError with advice (pinned pages would
     otherwise run the host out of memory and get the process killed)."""
