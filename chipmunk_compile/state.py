@@ -348,7 +348,10 @@ class ModelState:
 
         "auto": caches stay on the GPU while all of this generation's (one per key: a remade cache replaces
         its key's) fit in what the driver reported free at the generation's first cache, less
-        ``offload_reserve_gb``; from the first one that does not, every cache goes to pinned memory (sticky).
+        ``offload_reserve_gb``; from the first one that does not, every cache goes to pinned memory, in later
+        generations too (sticky). Starting each generation over would not keep the same caches on the GPU: the
+        first generation's, freed after its last step, stay with the caching allocator, so the driver reports
+        that much less free at the next generation's first cache.
         The budget is fixed at that first cache because the caching allocator carves caches out of memory it
         already holds (a dense step's activations) without the driver's free memory moving: checking each
         cache against the driver alone kept ~60 GB of Wan's caches on the GPU at 81 frames until a forward
