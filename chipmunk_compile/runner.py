@@ -132,7 +132,8 @@ class Runner:
                     or type(t_value) is not type(state.forward_t)):
                 state.forward_seen.clear()
                 state.forward_t = t_value
-                state.forward_info = _mark_last(state.clock.advance_timestep(t_value, signature), t_value)
+                state.forward_info = _mark_last(
+                    state.clock.advance_timestep(t_value, signature, isinstance(t_value, _LoopKey)), t_value)
             state.forward_seen.add(region)
             info = state.forward_info
         else:
@@ -142,7 +143,8 @@ class Runner:
             signature = self._signature(args)
             if isinstance(t, torch.Tensor) and t.numel() > 0:
                 key = _step_key(t)
-                info = _mark_last(state.clock.advance_timestep(key, (*signature, type(key).__name__)), key)
+                info = _mark_last(state.clock.advance_timestep(key, (*signature, type(key).__name__),
+                                                               isinstance(key, _LoopKey)), key)
             elif isinstance(t, (int, float)):
                 info = state.clock.advance_timestep(float(t), signature)
             else:

@@ -48,7 +48,10 @@ class StepClock:
 
     Timestep mode (the compiled graph has a timestep input): a call whose timestep equals the previous
     call's is another CFG stream of the same step; a lower timestep is the next step; a higher timestep,
-    a change of input shapes, or :meth:`reset` starts a new generation.
+    a change of input shapes, or :meth:`reset` starts a new generation. Keys taken from a denoising loop's
+    index (``in_loop``) say by themselves where a loop starts, so within one loop a call with other shapes
+    is just another stream (SD3's skip-layer guidance adds a batch-1 call to the batch-2 CFG call of some
+    steps: each shape change restarted the generation, and most of the loop ran dense).
 
     Counting mode (no timestep visible, e.g. one block of a regionally compiled model): every
     ``streams_per_step`` calls form a step; a shape change, :meth:`reset`, or ``num_steps`` completed
@@ -62,6 +65,7 @@ class StepClock:
         self.stream = 0
         self._t: float | None = None
         self._signature: Any = None
+        self._in_loop = False  # the previous key came from a loop index
         self._calls = 0
         self._reset_pending = True
         self._warned_streams = False
@@ -77,8 +81,10 @@ class StepClock:
         self._signature = signature
         self._reset_pending = False
 
-    def advance_timestep(self, t: float, signature: Any) -> StepInfo:
-        if self._reset_pending or signature != self._signature or self._t is None or t > self._t:
+    def advance_timestep(self, t: float, signature: Any, in_loop: bool = False) -> StepInfo:
+        reshaped = signature != self._signature and not (in_loop and self._in_loop)
+        self._in_loop = in_loop
+        if self._reset_pending or reshaped or self._t is None or t > self._t:
             self._new_generation(signature)
         elif t == self._t:
             self.stream += 1
@@ -165,6 +171,7 @@ class SiteState:
         # fingerprints of the weights the caches and weight_copies derive from: the key, and others (see watch)
         self._watched: dict[str, tuple] = {"key": _fingerprint(key, -1)} if key is not None else {}
         self.caches: dict[int, Any] = {}
+        self.used: dict[int, tuple[int, int]] = {}  # stream -> (generation, step) of its latest call
         self.weight_copies: dict[str, torch.Tensor] = {}  # derived layouts of the site's weights
         # Host-side decisions that depend only on shapes/dtypes/layouts, made once per signature:
         # signature -> [reason the Triton path cannot run, or None].
@@ -226,11 +233,16 @@ class SiteState:
 
     def release(self, info: StepInfo) -> None:
         """After a call of the generation's last step: drop its stream's caches (they would otherwise hold GPU
-        memory until the next generation replaced them, e.g. through the VAE decode). Derived weight copies
+        memory until the next generation replaced them, e.g. through the VAE decode), and those of streams no
+        call has used since before the previous step (SD3's skip-layer guidance stream stops after a few
+        steps) or made in an earlier generation. Another stream of the last step that has not run yet (CFG as
+        two calls) used its caches at the previous step and keeps them for its own call. Derived weight copies
         and pinned host buffers stay for the next generation."""
-        entry = self.caches.get(info.stream)
-        if entry is not None and entry.generation == info.generation:
-            del self.caches[info.stream]
+        for stream, entry in list(self.caches.items()):
+            used = self.used.get(stream)
+            if (stream == info.stream or entry.generation != info.generation or used is None
+                    or used < (info.generation, info.step - 1)):
+                del self.caches[stream]
 
     def cache(self, stream: int, generation: int) -> Any:
         """The cache of ``stream`` if it was made in ``generation``, else None."""
@@ -320,6 +332,8 @@ class ModelState:
         else:
             site.uid = uid
             site.check_weights(key, -1 if info is None else info.generation)
+        if info is not None:
+            site.used[info.stream] = (info.generation, info.step)
         return site
 
     @property

@@ -25,6 +25,38 @@ def test_shape_change_and_reset_start_a_new_generation():
     assert _run(clock, [700], sig=("b",)) == [(2, 0, 0)]
 
 
+def test_within_a_loop_other_shapes_are_another_stream():
+    # Keys from a loop index (-i): SD3's skip-layer guidance adds a batch-1 call to the batch-2 call of some
+    # steps. Within the loop that is stream 1 of the step, and the next step goes on; a key that rises (i back
+    # to 0) is a new loop. Keys from timestep values keep treating a shape change as a new generation.
+    clock = StepClock(ChipmunkConfig())
+    calls = [(0, "b2"), (-1, "b2"), (-1, "b1"), (-2, "b2"), (-2, "b1"), (-3, "b2"), (0, "b2")]
+    got = [(i.generation, i.step, i.stream) for i in (clock.advance_timestep(t, (s,), True) for t, s in calls)]
+    assert got == [(0, 0, 0), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1), (0, 3, 0), (1, 0, 0)]
+    clock = StepClock(ChipmunkConfig())
+    assert [(i.generation, i.stream) for i in (clock.advance_timestep(t, (s,)) for t, s in calls[:3])] == [
+        (0, 0), (0, 0), (1, 0)]
+
+
+def test_last_step_releases_stopped_streams_but_not_a_stream_still_to_come():
+    from chipmunk_compile.state import SiteState, StepInfo
+
+    class Entry:
+        def __init__(self, generation):
+            self.generation = generation
+
+    site = SiteState("attention", 0, 0, None)
+    site.caches = {0: Entry(1), 1: Entry(1), 2: Entry(1), 3: Entry(0)}
+    # stream 1: CFG as two calls (used at the previous step, its last call still to come); stream 2: stopped
+    # after step 3 (skip-layer guidance); stream 3: an earlier generation's
+    site.used = {0: (1, 7), 1: (1, 6), 2: (1, 3), 3: (0, 7)}
+    site.release(StepInfo(generation=1, step=7, stream=0, last=True))
+    assert sorted(site.caches) == [1]
+    site.used[1] = (1, 7)
+    site.release(StepInfo(generation=1, step=7, stream=1, last=True))
+    assert not site.caches
+
+
 def test_counting_mode_for_graphs_without_timestep():
     clock = StepClock(ChipmunkConfig(streams_per_step=2, num_steps=2))
     got = [(i.generation, i.step, i.stream) for i in (clock.advance_count(("x",)) for _ in range(6))]
