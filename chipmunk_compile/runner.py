@@ -24,7 +24,7 @@ import torch.fx as fx
 from chipmunk_compile.config import ChipmunkConfig
 from chipmunk_compile.passes.graph_utils import is_weight, source_name
 from chipmunk_compile.passes.sites import Plan
-from chipmunk_compile.state import CallContext, ModelState, StepInfo, activate, deactivate
+from chipmunk_compile.state import CallContext, ModelState, StepInfo, activate, deactivate, same_loop
 
 
 class FlopTally:
@@ -129,7 +129,7 @@ class Runner:
             if not known:
                 state.forward_t_ref = weakref.ref(t_outer) if isinstance(t_outer, torch.Tensor) else None
             if (state.forward_info is None or region in state.forward_seen or t_value != state.forward_t
-                    or type(t_value) is not type(state.forward_t)):
+                    or type(t_value) is not type(state.forward_t) or not same_loop(t_value, state.forward_t)):
                 state.forward_seen.clear()
                 state.forward_t = t_value
                 state.forward_info = _mark_last(
@@ -163,9 +163,11 @@ def _first(t: Any) -> float:
 
 class _LoopKey(float):
     """A step-clock key taken from a denoising loop's index (``-i``), not from a timestep value; ``last``:
-    ``i`` is the loop's last index."""
+    ``i`` is the loop's last index; ``loop``: a weak reference to the loop's ``timesteps`` tensor (each
+    pipeline call makes its own, so a call from another loop is a new generation even at the same index)."""
 
     last = False
+    loop: Any = None
 
 
 def _mark_last(info: StepInfo, key: Any) -> StepInfo:
@@ -181,16 +183,17 @@ def _step_key(t: Any) -> float:
     if isinstance(t, torch.Tensor):
         found = _loop_index(sys._getframe(2))
         if found is not None:
-            index, length = found
+            index, timesteps = found
             key = _LoopKey(-index)
-            key.last = index == length - 1
+            key.last = index == timesteps.shape[0] - 1
+            key.loop = weakref.ref(timesteps)
             return key
     return _first(t)
 
 
-def _loop_index(frame: Any, max_depth: int = 64) -> tuple[int, int] | None:
+def _loop_index(frame: Any, max_depth: int = 64) -> tuple[int, torch.Tensor] | None:
     """The index ``i`` of an enclosing ``for i, t in enumerate(timesteps)`` loop, as every diffusers pipeline
-    writes its denoising loop, and the loop's length ``len(timesteps)``; or None.
+    writes its denoising loop, and the loop's ``timesteps`` (its length, and its identity); or None.
 
     A frame qualifies when its locals ``i`` (int), ``t`` (one-element tensor) and ``timesteps`` (1-D tensor)
     satisfy: ``t`` is a view of element ``i`` of ``timesteps`` (same address). Checking addresses, not values,
@@ -211,7 +214,7 @@ def _loop_index(frame: Any, max_depth: int = 64) -> tuple[int, int] | None:
                 and t.numel() == 1 and 0 <= i < ts.shape[0] and t.device == ts.device
                 and t.data_ptr() == ts.data_ptr() + i * ts.stride(0) * ts.element_size()
             ):
-                return i, ts.shape[0]
+                return i, ts
         frame = frame.f_back
     return None
 

@@ -43,15 +43,28 @@ class StepInfo:
     last: bool = False
 
 
+def same_loop(a: Any, b: Any) -> bool:
+    """Whether two step-clock keys come from the same denoising loop: keys taken from a loop's index carry a
+    weak reference to its ``timesteps`` tensor (``loop``), which every pipeline call makes anew. Without it
+    (step 0 of one loop and step 0 of the next are both key -0) a generation that ran only step 0 (a
+    one-step warm-up, an interrupt) would go on into the next call. Keys without a loop compare equal."""
+    ra, rb = getattr(a, "loop", None), getattr(b, "loop", None)
+    if ra is None or rb is None:
+        return ra is rb
+    loop = ra()
+    return loop is not None and loop is rb()
+
+
 class StepClock:
     """Derives (generation, step, stream) from successive calls.
 
     Timestep mode (the compiled graph has a timestep input): a call whose timestep equals the previous
     call's is another CFG stream of the same step; a lower timestep is the next step; a higher timestep,
     a change of input shapes, or :meth:`reset` starts a new generation. Keys taken from a denoising loop's
-    index (``in_loop``) say by themselves where a loop starts, so within one loop a call with other shapes
-    is just another stream (SD3's skip-layer guidance adds a batch-1 call to the batch-2 CFG call of some
-    steps: each shape change restarted the generation, and most of the loop ran dense).
+    index (``in_loop``) say by themselves where a loop starts (a rising key, or another loop: see
+    :func:`same_loop`), so within one loop a call with other shapes is just another stream (SD3's
+    skip-layer guidance adds a batch-1 call to the batch-2 CFG call of some steps: each shape change
+    restarted the generation, and most of the loop ran dense).
 
     Counting mode (no timestep visible, e.g. one block of a regionally compiled model): every
     ``streams_per_step`` calls form a step; a shape change, :meth:`reset`, or ``num_steps`` completed
@@ -84,7 +97,7 @@ class StepClock:
     def advance_timestep(self, t: float, signature: Any, in_loop: bool = False) -> StepInfo:
         reshaped = signature != self._signature and not (in_loop and self._in_loop)
         self._in_loop = in_loop
-        if self._reset_pending or reshaped or self._t is None or t > self._t:
+        if self._reset_pending or reshaped or self._t is None or t > self._t or not same_loop(t, self._t):
             self._new_generation(signature)
         elif t == self._t:
             self.stream += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import re
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -122,3 +123,30 @@ def same_size(a: Any, b: Any) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     return bool(statically_known_true(a == b))
+
+
+def input_dependencies(gm: fx.GraphModule) -> dict[fx.Node, frozenset]:
+    """For every node, the graph's tensor inputs it depends on (placeholders that are not weights or buffers).
+
+    One pass in topological order. It tells cross-attention from self-attention when the query and key
+    lengths happen to be equal (a text length equal to the token count): cross-attention keys and values come
+    from the text / conditioning input alone, while the queries depend on more; a self or joint attention's
+    keys depend on every input its queries do. Keys from unnamed inputs (a graph cut right before the
+    attention) prove nothing: such a site is taken as self-attention, as its equal lengths suggest.
+    """
+    deps: dict[fx.Node, frozenset] = {}
+    empty: frozenset = frozenset()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            deps[n] = frozenset((n,)) if isinstance(value(n), torch.Tensor) and not is_weight(n) else empty
+            continue
+        parents = [deps[p] for p in n.all_input_nodes if deps.get(p)]
+        deps[n] = empty if not parents else parents[0] if len(parents) == 1 else frozenset().union(*parents)
+    return deps
+
+
+def input_name(node: fx.Node) -> str:
+    """A graph input's user-facing name: ``hidden_states`` for Dynamo's ``L['kwargs']['hidden_states']``."""
+    src = source_name(node) or node.name
+    found = re.findall(r"\['([^']+)'\]", src)
+    return found[-1] if found else src

@@ -8,8 +8,6 @@ dense with the reason recorded.
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.fx as fx
 from chipmunk_compile.passes.graph_utils import (
@@ -19,6 +17,8 @@ from chipmunk_compile.passes.graph_utils import (
     ancestors,
     arg,
     hint,
+    input_dependencies,
+    input_name,
     is_call,
     is_weight,
     module_path,
@@ -38,33 +38,6 @@ KERNEL_HEAD_DIMS = (64, 128)
 
 def _shape(v) -> tuple:
     return tuple(hint(s) if hint(s) is not None else str(s) for s in v.shape) if v is not None else ()
-
-
-def input_dependencies(gm: fx.GraphModule) -> dict[fx.Node, frozenset]:
-    """For every node, the graph's tensor inputs it depends on (placeholders that are not weights or buffers).
-
-    One pass in topological order. It tells cross-attention from self-attention when the query and key
-    lengths happen to be equal (a text length equal to the token count): cross-attention keys and values come
-    from the text / conditioning input alone, while the queries depend on more; a self or joint attention's
-    keys depend on every input its queries do. Keys from unnamed inputs (a graph cut right before the
-    attention) prove nothing: such a site is taken as self-attention, as its equal lengths suggest.
-    """
-    deps: dict[fx.Node, frozenset] = {}
-    empty: frozenset = frozenset()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            deps[n] = frozenset((n,)) if isinstance(value(n), torch.Tensor) and not is_weight(n) else empty
-            continue
-        parents = [deps[p] for p in n.all_input_nodes if deps.get(p)]
-        deps[n] = empty if not parents else parents[0] if len(parents) == 1 else frozenset().union(*parents)
-    return deps
-
-
-def _input_name(node: fx.Node) -> str:
-    """A graph input's user-facing name: ``hidden_states`` for Dynamo's ``L['kwargs']['hidden_states']``."""
-    src = source_name(node) or node.name
-    found = re.findall(r"\['([^']+)'\]", src)
-    return found[-1] if found else src
 
 
 def check_attention(
@@ -101,7 +74,7 @@ def check_attention(
     if deps is not None:  # equal lengths: cross-attention all the same if the keys come from the text alone
         qd, kd = deps.get(q, frozenset()), deps.get(k, frozenset()) | deps.get(v, frozenset())
         if kd and not qd <= kd and all(_is_encoder_input(n) for n in kd):
-            names = ", ".join(sorted(_input_name(n) for n in kd))
+            names = ", ".join(sorted(input_name(n) for n in kd))
             return f"cross-attention (keys and values come from {names} only)", parsed
     sk = hint(kv.shape[2])
     if sk is not None and sk < cfg.min_seq_len:
@@ -167,7 +140,7 @@ def _encoder_like(name: str) -> bool:
 
 def _is_encoder_input(node: fx.Node) -> bool:
     """A graph input named like the text / conditioning stream (``encoder_hidden_states``, ``context``...)."""
-    return node.op == "placeholder" and _encoder_like(_input_name(node))
+    return node.op == "placeholder" and _encoder_like(input_name(node))
 
 
 def _from_encoder(node: fx.Node) -> bool:

@@ -30,6 +30,8 @@ from chipmunk_compile.passes.graph_utils import (
     SILU_TARGETS,
     arg,
     hint,
+    input_dependencies,
+    input_name,
     is_call,
     is_weight,
     module_path,
@@ -173,6 +175,7 @@ def replace_mlp(gm: fx.GraphModule, cfg: MlpConfig, plan: Plan) -> int:
     """Rewrite every recognised MLP; record every activation candidate in ``plan``."""
     n = 0
     erased: set[fx.Node] = set()
+    deps = input_dependencies(gm)  # before any rewrite: the matched nodes are the original ones
     for act in list(gm.graph.nodes):
         if act in erased or not (is_call(act, GELU_TARGETS) or is_call(act, SILU_TARGETS)):
             continue
@@ -186,6 +189,16 @@ def replace_mlp(gm: fx.GraphModule, cfg: MlpConfig, plan: Plan) -> int:
                 record.reason = reason
                 plan.sites.append(record)
                 counters["chipmunk"]["mlp_dense"] += 1
+            continue
+        inputs = deps.get(m.x) if isinstance(m.x, fx.Node) else None
+        if inputs and all(_is_conditioning(input_name(p)) for p in inputs):
+            # e.g. Wan 2.1's image embedder, on layer_norm(encoder_hidden_states_image): its input never changes
+            # over the steps, so there is nothing to cache a delta of (and, rewritten, it took a slot of
+            # mlp.first_dense_layers from the first transformer block)
+            names = ", ".join(sorted(input_name(p) for p in inputs))
+            record.reason = f"conditioning projection (its input depends only on {names}, constant over steps)"
+            plan.sites.append(record)
+            counters["chipmunk"]["mlp_dense"] += 1
             continue
         record.name = module_path(m.consumer) or module_path(m.fc1) or record.name
         w1v, w2v, xv = value(arg(m.fc1, 1, "weight")), value(arg(m.consumer, 1, "weight")), value(m.x)

@@ -135,8 +135,9 @@ def test_loop_variables_read_by_a_generator_expression_are_found():
         for i, t in enumerate(timesteps):  # noqa: B007 - read from this frame
             sum(found.append(runner._loop_index(__import__("sys")._getframe())) or t for _ in range(1))
 
-    loop(torch.linspace(1000, 100, 3))
-    assert found == [(0, 3), (1, 3), (2, 3)]
+    ts = torch.linspace(1000, 100, 3)
+    loop(ts)
+    assert [(i, len(t)) for i, t in found] == [(0, 3), (1, 3), (2, 3)] and all(t is ts for _, t in found)
 
 
 def test_loop_without_timestep_elements_falls_back_to_the_value():
@@ -160,7 +161,8 @@ def test_loop_without_timestep_elements_falls_back_to_the_value():
     i = 2
     t = ts[i]
     timesteps = ts  # noqa: F841 - the frame local the runner looks for
-    assert runner._loop_index(__import__("sys")._getframe()) == (2, 4)  # index and the loop's length
+    i_found, ts_found = runner._loop_index(__import__("sys")._getframe())
+    assert i_found == 2 and ts_found is ts  # the index, and the loop's timesteps (its length and identity)
     t = ts[1]  # noqa: F841
     assert runner._loop_index(__import__("sys")._getframe()) is None  # t is element 1, i says 2
 
