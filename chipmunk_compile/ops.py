@@ -28,7 +28,7 @@ _TAGS = (torch._C.Tag.cudagraph_unsafe,) if hasattr(torch._C.Tag, "cudagraph_uns
 _LIB = torch.library.Library("chipmunk", "DEF")  # lives as long as the module
 _LIB.define(
     "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? site_key, int site_uid, float? scale, "
-    "bool enable_gqa, int text_start, int text_len) -> Tensor",
+    "bool enable_gqa, SymInt text_start, SymInt text_len) -> Tensor",
     tags=_TAGS,
 )
 _LIB.define(

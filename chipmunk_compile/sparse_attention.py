@@ -261,7 +261,8 @@ def _text_span(state, stats, sk: int, text_start: int, text_len: int) -> tuple[i
     span = state.text_spans.get(sk)
     if span is None:
         return text_start, text_len
-    if not stats.text_span:
+    if stats.text_span_taken != span:  # the current one: a new resolution moves it
+        stats.text_span_taken = span
         stats.text_span = f"text[{span[0]}:{span[0] + span[1]}] (from the sites of the same key length)"
     return span
 

@@ -146,6 +146,7 @@ class SiteStats:
     backend: str = ""
     cache_location: str = ""
     text_span: str = ""  # a text-key span taken at run time from the model's other sites (see sparse_attention)
+    text_span_taken: tuple[int, int] | None = None  # that span as (start, length)
     _counts: torch.Tensor | None = None
     _columns: int = 1
     _fixed_flops: int = 0

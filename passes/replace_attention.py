@@ -8,6 +8,8 @@ dense with the reason recorded.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 from chipmunk_compile.passes.graph_utils import (
@@ -110,11 +112,12 @@ def _site_key(q: fx.Node) -> fx.Node | None:
     return None
 
 
-def _text_span(k: fx.Node, sk: int | None) -> tuple[int, int]:
-    """(start, length) of the text keys in a joint attention whose keys are ``cat([text, image])`` or
-    ``cat([image, text])`` along the sequence; (0, 0) if not recognisable."""
+def _text_span(k: fx.Node, sk: int | None) -> tuple[list, int, int] | None:
+    """Where the text keys are in a joint attention whose keys are ``cat([text, image])`` or
+    ``cat([image, text])`` along the sequence: (the two parts, the cat dim, the text part's index); None if
+    not recognisable."""
     if sk is None:
-        return 0, 0
+        return None
     for n in ancestors(k, limit=48):
         if not is_call(n, CAT_TARGETS):
             continue
@@ -130,8 +133,32 @@ def _text_span(k: fx.Node, sk: int | None) -> tuple[int, int]:
             continue
         for i, p in enumerate(parts):
             if _from_encoder(p):
-                return (0 if i == 0 else lens[0]), lens[i]
-    return 0, 0
+                return list(parts), dim, i
+    return None
+
+
+def _span_args(gm: fx.GraphModule, before: fx.Node, span) -> tuple[Any, Any, int, int]:
+    """The op's (text_start, text_len) arguments for a :func:`_text_span` result, and their traced values.
+
+    A size that is symbolic in the graph (a dynamic-shape graph, compiled after a resolution change) is
+    passed as an ``aten.sym_size`` node, so every call gets its own sizes: as plain ints from the traced
+    sizes, HunyuanVideo's span (text after the video tokens) stayed at the first size's place."""
+    if span is None:
+        return 0, 0, 0, 0
+    parts, dim, i = span
+
+    def size(part: fx.Node) -> tuple[Any, int]:
+        s = value(part).shape[dim]
+        if isinstance(s, int):
+            return s, s
+        with gm.graph.inserting_before(before):
+            node = gm.graph.call_function(torch.ops.aten.sym_size.int, (part, dim))
+        node.meta["val"] = s
+        return node, hint(s)
+
+    length, length_hint = size(parts[i])
+    start, start_hint = (0, 0) if i == 0 else size(parts[0])
+    return start, length, start_hint, length_hint
 
 
 def _encoder_like(name: str) -> bool:
@@ -175,7 +202,7 @@ def replace_attention(gm: fx.GraphModule, cfg: AttentionConfig, plan: Plan) -> i
             key = None
         if key is not None:
             used_keys.add(key)
-        text_start, text_len = _text_span(p["k"], hint(kv.shape[2]))
+        text_start, text_len, start_hint, len_hint = _span_args(gm, node, _text_span(p["k"], hint(kv.shape[2])))
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.chipmunk.attention.default,
@@ -187,8 +214,9 @@ def replace_attention(gm: fx.GraphModule, cfg: AttentionConfig, plan: Plan) -> i
         gm.graph.erase_node(node)
         record.status = "rewritten"
         record.variant = "masked" if p["mask"] is not None else ""
-        if text_len:
-            record.variant = (record.variant + f" text[{text_start}:{text_start + text_len}]").strip()
+        if len_hint:
+            traced = "" if isinstance(text_start, int) and isinstance(text_len, int) else " at the traced size"
+            record.variant = (record.variant + f" text[{start_hint}:{start_hint + len_hint}]{traced}").strip()
         if key is None:
             record.reason = "no layer weight found: state keyed by graph position"
         counters["chipmunk"]["attention_rewritten"] += 1

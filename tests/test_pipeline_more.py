@@ -548,15 +548,12 @@ def _tiny_hunyuan_pipeline():
                                 scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
 
 
-@pytest.mark.xfail(strict=True, reason="passes/replace_attention.py _text_span bakes the text span's start and length "
-                   "into the graph as ints from the traced sizes' hints; a dynamic-shape graph reused at another "
-                   "resolution keeps the old span (HunyuanVideo: text after the video tokens)")
 def test_hunyuan_video_keep_text_keys_across_resolutions():
     """HunyuanVideo's joint keys are cat([video, text]): the text starts after the video tokens. Three resolutions on
-    one compiled transformer: 32x32 (static graph), 48x32 (Dynamo recompiles with a dynamic height; text span baked
-    as [192:200]) and 64x32 (the dynamic graph is reused: video tokens 256, text at [256:264], but the op still gets
-    text_start=192). The hunyuan preset keeps text keys: at 64x32 the sparse sites force keys 192..199 (video) and
-    drop the real text keys."""
+    one compiled transformer: 32x32 (static graph), 48x32 (Dynamo recompiles with a dynamic height) and 64x32 (the
+    dynamic graph is reused: video tokens 256, text at [256:264]). The hunyuan preset keeps text keys: every sparse
+    site must keep the real ones at each size. With the span passed as ints from the traced sizes, the 64x32 call got
+    text_start=192 and forced video keys 192..199 instead (the span is now an aten.sym_size of the video part)."""
     pipe = _tiny_hunyuan_pipeline()
     gen = torch.Generator().manual_seed(1)
     kwargs = dict(prompt_embeds=torch.randn(1, 8, 32, generator=gen),
