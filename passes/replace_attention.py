@@ -170,11 +170,22 @@ def _is_encoder_input(node: fx.Node) -> bool:
     return node.op == "placeholder" and _encoder_like(input_name(node))
 
 
+# Weights of the text stream's own projections in joint attention (diffusers' add_{q,k,v}_proj and
+# norm_added_{q,k}; "txt" in QwenImage's modules): its graph input may lie farther up than the ancestors searched.
+_TEXT_STREAM_WEIGHTS = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_", "txt")
+
+
 def _from_encoder(node: fx.Node) -> bool:
     """Whether ``node`` comes from the text stream: a graph input (user input or weight) among its nearest
-    ancestors has a source name that mentions encoder, context or text."""
-    return any(n.op == "placeholder" and _encoder_like(source_name(n) or n.name)
-               for n in [node, *ancestors(node, limit=32)])
+    ancestors has a source name that mentions encoder, context or text, or names a weight of the text
+    stream's projections (QwenImage's text input is more than 32 nodes up, behind txt_norm, txt_in and its
+    modulation; keep_text_keys found no span there)."""
+    for n in [node, *ancestors(node, limit=32)]:
+        if n.op == "placeholder":
+            name = source_name(n) or n.name
+            if _encoder_like(name) or any(w in name for w in _TEXT_STREAM_WEIGHTS):
+                return True
+    return False
 
 
 def replace_attention(gm: fx.GraphModule, cfg: AttentionConfig, plan: Plan) -> int:
