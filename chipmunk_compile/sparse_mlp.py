@@ -210,7 +210,7 @@ def run_mlp(
     x3 = x.reshape(x.shape[0] if x.dim() >= 3 else 1, -1, x.shape[-1])
     bsz, s, din = x3.shape
     # the key is w1: a change of w2 alone must drop the caches and the w2t copy too
-    site.watch("w2", w2, info.generation)
+    site.watch("w2", w2, info.generation, ctx.state.deferred)
     w2s = w2.narrow(1, w2_offset, w2_width)
     f = w2_width
     dout = w2.shape[0]

@@ -198,24 +198,33 @@ class SiteState:
     def key(self) -> torch.Tensor | None:
         return self._key_ref() if self._key_ref is not None else None
 
-    def check_weights(self, key: torch.Tensor | None, generation: int = -1) -> None:
+    def check_weights(self, key: torch.Tensor | None, generation: int = -1, deferred: list | None = None) -> None:
         """Drop the caches when the key weight's values changed (not merely moved)."""
         if key is not None and "key" in self._watched:
-            self.watch("key", key, generation)
+            self.watch("key", key, generation, deferred)
 
-    def watch(self, name: str, weight: torch.Tensor, generation: int = -1) -> None:
+    def watch(self, name: str, weight: torch.Tensor, generation: int = -1, deferred: list | None = None) -> None:
         """Drop every cache and derived copy when ``weight``'s values changed (not merely moved): the key
         (:meth:`check_weights`), or another weight they derive from (the MLP's W2: a LoRA fused into the second
         linear alone leaves the key, W1, unchanged). Two attribute reads per call while it is unchanged.
 
         Inference tensors (weights made under ``torch.inference_mode``) keep no version counter: their values
         are compared once per ``generation`` instead (an in-place change mid-generation goes unseen until the
-        next one)."""
+        next one). A change through ``weight.data`` (peft's ``fuse_lora`` / ``unfuse_lora``) moves neither the
+        address nor the version: once per generation the sampled values are taken on the device, without a
+        sync, into ``deferred``, and :meth:`ModelState.resolve_deferred` compares them all at once."""
         old = self._watched.get(name)
         if old is not None and weight.data_ptr() == old[0]:
             version = _version(weight)
-            if version == old[1] and (version is not None or generation == old[3]):
-                return
+            if version == old[1]:
+                if version is None and generation != old[3]:
+                    pass  # an inference tensor in a new generation: compare now (below)
+                elif version is None or generation == old[3] or deferred is None or generation < 0:
+                    return
+                else:
+                    self._watched[name] = (*old[:3], generation)
+                    deferred.append((self, name, weight, _sample_sum(weight)))
+                    return
         new = _fingerprint(weight, generation)  # new, moved or changed: compare a sample of the values (a sync)
         if old is not None and new[2] != old[2]:
             log.info("chipmunk: weights (%s) of %s site %d changed; caches dropped", name, self.kind, self.ordinal)
@@ -271,12 +280,17 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _fingerprint(t: torch.Tensor, generation: int) -> tuple[int, int | None, float, int]:
-    """(address, version, a sum over 64 sampled values, the generation it was taken in)."""
+def _sample_sum(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d fp64 tensor on ``t``'s device: the sum and the sum of squares over 64 sampled values (no sync)."""
     flat = t.detach().reshape(-1)
     step = max(1, flat.numel() // 64)
     sample = flat[::step][:64].double()
-    return t.data_ptr(), _version(t), float(sample.sum() + (sample * sample).sum()), generation
+    return sample.sum() + (sample * sample).sum()
+
+
+def _fingerprint(t: torch.Tensor, generation: int) -> tuple[int, int | None, float, int]:
+    """(address, version, :func:`_sample_sum` as a float, the generation it was taken in)."""
+    return t.data_ptr(), _version(t), float(_sample_sum(t)), generation
 
 
 class ModelState:
@@ -301,6 +315,9 @@ class ModelState:
         self._ordinals: dict[str, int] = {"attention": 0, "mlp": 0}
         self.offloader: Any = None
         self.offload_active = config.offload == "always"
+        # weight samples taken on the device once per generation, compared in one batch (SiteState.watch)
+        self.deferred: list[tuple[SiteState, str, torch.Tensor, torch.Tensor]] = []
+        self._deferred_generation = -1
         # offload "auto": per device, (generation, GPU memory the caches may take in it, bytes per cache key)
         self._gpu_cache_budget: dict[torch.device, tuple[int, int, dict[Hashable, int]]] = {}
         self.generator = torch.Generator(device="cpu")
@@ -345,10 +362,35 @@ class ModelState:
             self._sites[ident] = site
         else:
             site.uid = uid
-            site.check_weights(key, -1 if info is None else info.generation)
+            site.check_weights(key, -1 if info is None else info.generation, self.deferred)
         if info is not None:
             site.used[info.stream] = (info.generation, info.step)
+            if self.deferred and (info.step >= 1 or self._deferred_generation != info.generation):
+                self.resolve_deferred()
+            elif self.deferred:
+                self._deferred_generation = info.generation
         return site
+
+    def resolve_deferred(self) -> None:
+        """Compare the weight samples :meth:`SiteState.watch` took this generation with the ones before, in one
+        transfer per device (a single sync; at the first call after step 0, before any sparse step reads a
+        weight's derived copy). A weight whose values changed without a new version (changed through
+        ``.data``) gets its derived copies dropped (the MLP's transposed W2); the caches made since, at step
+        0, came from the new values and stay."""
+        pending, self.deferred = self.deferred, []
+        by_device: dict[torch.device, list] = {}
+        for item in pending:
+            by_device.setdefault(item[3].device, []).append(item)
+        for items in by_device.values():
+            values = torch.stack([item[3] for item in items]).tolist()
+            for (site, name, weight, _), value in zip(items, values):
+                old = site._watched.get(name)
+                if old is not None and old[0] == weight.data_ptr() and value != old[2]:
+                    log.info("chipmunk: weights (%s) of %s site %d changed in place without a new version (e.g. "
+                             "a fused LoRA); derived copies dropped", name, site.kind, site.ordinal)
+                    site.weight_copies.clear()
+                    site.launch_checks.clear()
+                    site._watched[name] = (old[0], old[1], value, old[3])
 
     @property
     def sites(self) -> list[SiteState]:
