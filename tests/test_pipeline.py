@@ -23,6 +23,42 @@ def _tiny_flux_pipeline():
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
 
 
+def _tiny_wan_pipeline():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                                        num_layers=3, rope_max_seq_len=32).eval()
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler())
+
+
+def _tiny_hunyuan_pipeline():
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                 attention_head_dim=16, num_layers=2, num_single_layers=2,
+                                                 num_refiner_layers=1, patch_size=1, patch_size_t=1,
+                                                 text_embed_dim=32, pooled_projection_dim=32,
+                                                 rope_axes_dim=(4, 6, 6)).eval()
+    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                    down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
+                                    layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=4,
+                                    temporal_compression_ratio=4, mid_block_add_attention=False).eval()
+    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
+
+
 def test_flux_pipeline_with_compiled_transformer():
     pipe = _tiny_flux_pipeline()
     gen = torch.Generator().manual_seed(1)
@@ -50,16 +86,8 @@ def test_flux_pipeline_with_compiled_transformer():
 def test_wan_pipeline_with_cfg_as_two_calls_and_text_as_long_as_the_video():
     """WanPipeline calls the transformer twice per step (conditional, then unconditional): two CFG streams.
     Its tiny video here has 8 tokens, as many as the text: the cross-attention must still stay dense."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
-                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
-                                        num_layers=3, rope_max_seq_len=32).eval()
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe = _tiny_wan_pipeline()
+    transformer = pipe.transformer
     gen = torch.Generator().manual_seed(1)
     kwargs = dict(prompt_embeds=torch.randn(1, 8, 32, generator=gen),
                   negative_prompt_embeds=torch.randn(1, 8, 32, generator=gen),
@@ -207,27 +235,7 @@ def test_sd3_skip_layer_guidance_keeps_the_cfg_streams_schedule():
 def test_hunyuan_video_pipeline_with_prompt_embeds_and_attention_mask():
     """HunyuanVideoPipeline (hunyuan preset: attention only, text keys always kept, dense at steps 0 and 1 of
     8) with the prompt's attention mask given: its 2 padding text keys are masked in every joint attention."""
-    from diffusers import (
-        AutoencoderKLHunyuanVideo,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideoPipeline,
-        HunyuanVideoTransformer3DModel,
-    )
-
-    torch.manual_seed(0)
-    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
-                                                 attention_head_dim=16, num_layers=2, num_single_layers=2,
-                                                 num_refiner_layers=1, patch_size=1, patch_size_t=1,
-                                                 text_embed_dim=32, pooled_projection_dim=32,
-                                                 rope_axes_dim=(4, 6, 6)).eval()
-    # spatial 4x, temporal 4x: 5 frames of 32x32 px -> 2 x 8 x 8 latents = 128 video tokens (+ 8 text)
-    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
-                                    down_block_types=("HunyuanVideoDownBlock3D",) * 3,
-                                    up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
-                                    layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=4,
-                                    temporal_compression_ratio=4, mid_block_add_attention=False).eval()
-    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
+    pipe = _tiny_hunyuan_pipeline()  # 5 frames of 32x32 px: 2 x 8 x 8 latents = 128 video tokens (+ 8 text)
     gen = torch.Generator().manual_seed(1)
     kwargs = dict(prompt_embeds=torch.randn(1, 8, 32, generator=gen),
                   pooled_prompt_embeds=torch.randn(1, 32, generator=gen),

@@ -7,7 +7,7 @@ generator; the report says which sites went sparse and how often; the caches mus
 Each test that found a bug of chipmunk_compile says in its docstring what it was (all fixed since)."""
 
 import torch
-from test_pipeline import _rel, _tiny_flux_pipeline
+from test_pipeline import _rel, _tiny_flux_pipeline, _tiny_hunyuan_pipeline
 from torch._dynamo.utils import counters
 
 import chipmunk_compile
@@ -520,29 +520,6 @@ def test_wan21_image_embedder_mlp_stays_dense():
     assert image_mlp.status == "dense" and image_mlp.reason.startswith("conditioning projection"), str(report)
     assert rows["blocks.1.ffn.net.0.proj"].sparse_calls == 0, str(report)
     assert rows["blocks.2.ffn.net.0.proj"].sparse_calls > 0, str(report)
-
-
-def _tiny_hunyuan_pipeline():
-    from diffusers import (
-        AutoencoderKLHunyuanVideo,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideoPipeline,
-        HunyuanVideoTransformer3DModel,
-    )
-
-    torch.manual_seed(0)
-    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
-                                                 attention_head_dim=16, num_layers=2, num_single_layers=2,
-                                                 num_refiner_layers=1, patch_size=1, patch_size_t=1,
-                                                 text_embed_dim=32, pooled_projection_dim=32,
-                                                 rope_axes_dim=(4, 6, 6)).eval()
-    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
-                                    down_block_types=("HunyuanVideoDownBlock3D",) * 3,
-                                    up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
-                                    layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=4,
-                                    temporal_compression_ratio=4, mid_block_add_attention=False).eval()
-    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
 
 
 def test_hunyuan_video_keep_text_keys_across_resolutions():

@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from test_pipeline import _rel, _tiny_flux_pipeline
+from test_pipeline import _rel, _tiny_flux_pipeline, _tiny_hunyuan_pipeline, _tiny_wan_pipeline
 from test_pipeline_more import (
     FLUX_OPTIONS,
     FLUX_SPARSE_MLP,
@@ -23,7 +23,6 @@ from test_pipeline_more import (
     _flux_schedule,
     _seed,
     _stop_at,
-    _tiny_hunyuan_pipeline,
 )
 from torch._dynamo.utils import counters
 
@@ -94,19 +93,6 @@ def test_flux_regional_compilation_has_the_whole_model_schedule():
         ["transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff_context.net.0.proj"] + FLUX_SPARSE_MLP)
     assert all("text[0:8]" in s.variant for s in attn[:2]), str(report)
     assert all(0 < s.kept_fraction < 0.2 for s in attn[2:]), str(report)
-
-
-def _tiny_wan_pipeline():
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
-                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
-                                        num_layers=3, rope_max_seq_len=32).eval()
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
-    return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler())
 
 
 def _wan_kwargs():
