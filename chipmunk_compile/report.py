@@ -72,7 +72,8 @@ def report(model: torch.nn.Module, config: ChipmunkConfig | None = None) -> Repo
     """Collect the sites of every chipmunk graph compiled for ``model`` (or its ``_orig_mod``).
 
     A module compiled several times with different configs keeps one state per config; the report shows
-    the config that ran most recently, or ``config`` when given, and notes the others.
+    the config that ran most recently, or ``config`` when given, and notes the others. Several states of one
+    config (compiled whole, then by regions) show each site once, from the state that ran it last.
     """
     module = getattr(model, "_orig_mod", model)
     names = {id(p): n for n, p in module.named_parameters()}
@@ -82,10 +83,15 @@ def report(model: torch.nn.Module, config: ChipmunkConfig | None = None) -> Repo
         config = max(states, key=lambda s: s.last_active).config
     rows: list[SiteReport] = []
     notes: list[str] = []
-    for state in states:
+    shown: set[tuple[str, str]] = set()
+    # Most recent first: a module compiled whole and then by regions (same config) keeps both states, and a
+    # site's row is the one of the state that ran it last.
+    for state in sorted(states, key=lambda s: -s.last_active):
         if state.config != config:
             continue
-        rows.extend(_rows(state, names))
+        state_rows = _rows(state, names)
+        rows.extend(r for r in state_rows if (r.kind, r.name) not in shown)
+        shown.update((r.kind, r.name) for r in state_rows)
         notes.extend(p.note for p in state.plans if p.note)
         offloaded = state.offloader.summary() if state.offloader is not None else None
         if offloaded:
