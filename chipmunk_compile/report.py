@@ -104,8 +104,14 @@ def report(model: torch.nn.Module, config: ChipmunkConfig | None = None) -> Repo
 
 def _rows(state: ModelState, names: dict[int, str]) -> list[SiteReport]:
     records = {rec.uid: rec for plan in state.plans for rec in plan.sites}
+    plan_of = {rec.uid: plan.graph_id for plan in state.plans for rec in plan.sites}
+    # Under regional compilation one block graph serves every block, and its records name sites relative to
+    # the block ("attn2"): the sites that ran give each plan's block prefixes ("blocks.0."), from their weights'
+    # names in the model, so its dense records can be listed once per block under their full names.
+    prefixes: dict[int, list[str]] = {}
     out: list[SiteReport] = []
     ran: set[tuple] = set()
+    ran_uids: set[int] = set()
     for site in sorted(state.sites, key=lambda s: (s.kind != "attention", s.ordinal)):
         rec = records.get(site.uid)
         if rec is None:
@@ -114,6 +120,11 @@ def _rows(state: ModelState, names: dict[int, str]) -> list[SiteReport]:
         key = site.key
         if key is not None and id(key) in names:
             row.name = _module_of(names[id(key)], rec.kind)
+            if row.name.endswith(rec.name):
+                found = prefixes.setdefault(plan_of[rec.uid], [])
+                prefix = row.name[: len(row.name) - len(rec.name)]
+                if prefix not in found:
+                    found.append(prefix)
         st = site.stats
         row.kept_fraction = st.kept_fraction
         row.selections, row.calls = st.selections, st.calls
@@ -123,15 +134,23 @@ def _rows(state: ModelState, names: dict[int, str]) -> list[SiteReport]:
         if st.text_span:
             row.variant = f"{row.variant} {st.text_span}".strip()
         out.append(row)
+        ran.add((rec.kind, row.name, rec.status))
         ran.add((rec.kind, rec.name, rec.status))
+        ran_uids.add(rec.uid)
     # Sites that have not run (dense ones never create state). A recompiled graph repeats the records of
     # the sites above, and identical dense records (same place, reason and shapes) are listed once.
     for rec in records.values():
-        key = (rec.kind, rec.name, rec.status) if rec.status == "rewritten" else (
-            rec.kind, rec.name, rec.status, rec.reason, str(rec.shapes))
-        if key not in ran and (rec.kind, rec.name, "rewritten") not in ran:
-            out.append(_row(rec))
-            ran.add(key)
+        if rec.status == "rewritten" and rec.uid in ran_uids:
+            continue
+        for prefix in prefixes.get(plan_of[rec.uid]) or [""]:
+            name = prefix + rec.name
+            key = (rec.kind, name, rec.status) if rec.status == "rewritten" else (
+                rec.kind, name, rec.status, rec.reason, str(rec.shapes))
+            if key not in ran and (rec.kind, name, "rewritten") not in ran:
+                row = _row(rec)
+                row.name = name
+                out.append(row)
+                ran.add(key)
     return out
 
 

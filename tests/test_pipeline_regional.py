@@ -142,14 +142,12 @@ def test_wan_regional_compilation_with_cfg_as_two_calls_matches_the_whole_model_
     assert cross and all("encoder_hidden_states only" in s.reason for s in cross), str(report)
 
 
-@pytest.mark.xfail(strict=True, reason="report() names the dense sites of a regionally compiled model relative to "
-                   "their block ('attn2'), one row for all blocks")
 def test_wan_regional_report_names_every_dense_site():
     """The report of a whole-model compile lists each dense site under its full name (blocks.0.attn2, blocks.1.attn2,
     blocks.2.attn2: cross-attention). Under regional compilation the dense rows come from the block graph's plan
     records, whose names are relative to the compiled block ("attn2", "ffn.net.2"), and the three blocks' identical
-    records are listed once: the user cannot tell which layers stayed dense. (Rewritten sites are named right: their
-    rows take the name of the site's weight in the transformer.)"""
+    records were listed once: the user could not tell which layers stayed dense. The rewritten sites' weights give
+    each block graph's prefixes (blocks.0., ...), and its dense records are now listed once per block."""
     pipe = _tiny_wan_pipeline()
     kwargs = _wan_kwargs()
     pipe.transformer.compile_repeated_blocks(backend="chipmunk", options={"preset": "wan"})
