@@ -217,14 +217,14 @@ class SiteState:
         if old is not None and weight.data_ptr() == old[0]:
             version = _version(weight)
             if version == old[1]:
-                if version is None and generation != old[3]:
-                    pass  # an inference tensor in a new generation: compare now (below)
-                elif version is None or generation == old[3] or deferred is None or generation < 0:
+                if generation == old[3]:
                     return
-                else:
-                    self._watched[name] = (*old[:3], generation)
-                    deferred.append((self, name, weight, _sample_sum(weight)))
+                if version is not None:  # first call in a new generation: sample on the device, compare later
+                    if deferred is not None and generation >= 0:
+                        self._watched[name] = (*old[:3], generation)
+                        deferred.append((self, name, weight, _sample_sum(weight)))
                     return
+                # an inference tensor in a new generation: compare its values now (below)
         new = _fingerprint(weight, generation)  # new, moved or changed: compare a sample of the values (a sync)
         if old is not None and new[2] != old[2]:
             log.info("chipmunk: weights (%s) of %s site %d changed; caches dropped", name, self.kind, self.ordinal)
