@@ -110,7 +110,11 @@ class Runner:
     # ------------------------------------------------------------------ call
     def __call__(self, *args: Any) -> Any:
         t = args[self.timestep_index] if self.timestep_index is not None else None
-        driver = None if t is not None else _enclosing_forward()
+        # A graph without a timestep input is driven by the eager forward around it; so is one with a timestep
+        # input that runs inside a larger model's eager forward (a regionally compiled block with a timestep of
+        # its own, e.g. HunyuanVideo's token refiner): all regions of one model share its step clock and its
+        # site numbering, as when the whole model is compiled.
+        driver = _enclosing_forward() if t is None else _outer_forward()
         if driver is not None:
             # A region of a larger model (regional compilation, or a graph after a graph break): the
             # enclosing eager forward holds the timestep; all regions of one forward share one step.
@@ -219,25 +223,38 @@ def _loop_index(frame: Any, max_depth: int = 64) -> tuple[int, torch.Tensor] | N
     return None
 
 
-def _enclosing_forward(max_depth: int = 48) -> tuple[torch.nn.Module, Any, tuple] | None:
-    """The innermost eager ``forward`` on the call stack that has a ``timestep`` argument, if any.
-
-    Returns (its module, the timestep, a shape signature). Used only by graphs without a timestep input;
-    costs a walk over code objects, reading locals only of frames whose code has a ``timestep`` variable.
-    """
-    frame = sys._getframe(2)
+def _timestep_forwards(max_depth: int = 48):
+    """The eager ``forward`` frames on the call stack (innermost first, from the runner's caller) that have a
+    ``timestep`` argument: yields (module, timestep, shape signature). Costs a walk over code objects, reading
+    locals only of frames whose code has a ``timestep`` variable."""
+    frame = sys._getframe(3)
     for _ in range(max_depth):
         if frame is None:
-            return None
+            return
         code = frame.f_code
         if "timestep" in code.co_varnames and "self" in code.co_varnames:
             local = frame.f_locals
             t, module = local.get("timestep"), local.get("self")
             if isinstance(module, torch.nn.Module) and isinstance(t, (torch.Tensor, int, float)):
                 hidden = local.get("hidden_states", local.get("x"))
-                sig = (tuple(hidden.shape),) if isinstance(hidden, torch.Tensor) else ()
-                return module, t, sig
+                yield module, t, ((tuple(hidden.shape),) if isinstance(hidden, torch.Tensor) else ())
         frame = frame.f_back
+
+
+def _enclosing_forward() -> tuple[torch.nn.Module, Any, tuple] | None:
+    """The innermost eager ``forward`` on the call stack that has a ``timestep`` argument, if any: (its module,
+    the timestep, a shape signature). For graphs without a timestep input."""
+    return next(_timestep_forwards(), None)
+
+
+def _outer_forward() -> tuple[torch.nn.Module, Any, tuple] | None:
+    """For a graph with a timestep input: the outermost ``forward`` with a timestep on the call stack when it is
+    another module's than the innermost one (the graph's own forward), i.e. the graph is a region of a larger
+    model; else None (a whole-model graph drives its own clock)."""
+    found = list(_timestep_forwards())
+    if len(found) < 2 or all(f[0] is found[0][0] for f in found):
+        return None
+    return found[-1]
     return None
 
 

@@ -204,16 +204,13 @@ def test_hunyuan_video_regional_compilation_with_the_hunyuan_preset():
     assert not report.by_kind("mlp", "rewritten"), str(report)
 
 
-@pytest.mark.xfail(strict=True, reason="regional HunyuanVideo: the token refiner (a repeated block with a timestep "
-                   "input) gets a ModelState of its own, so mlp.first_dense_layers counts differently")
 def test_hunyuan_video_regional_compilation_with_mlp_sparsity_matches_the_whole_model_compile():
     """With MLP sparsity on (default preset), the whole-model compile numbers the MLP sites in order of execution
     over the whole model: the token refiner's MLP runs first (ordinal 0), transformer_blocks.0.ff is ordinal 1, and
     mlp.first_dense_layers=2 keeps those two dense; transformer_blocks.0.ff_context goes sparse. Regionally compiled,
-    HunyuanVideoTokenRefiner (in _repeated_blocks) is a graph with a `timestep` input, so the runner gives it a state
-    of its own (on its first parameter, driven by its own timestep) instead of the transformer's: its MLP is ordinal
-    0 there, and in the transformer's state transformer_blocks.0.ff and .ff_context take ordinals 0 and 1, so
-    transformer_blocks.0.ff_context runs dense at every step: (8, 0, 0) instead of (1, 7, 4)."""
+    HunyuanVideoTokenRefiner (in _repeated_blocks) is a graph with a `timestep` input of its own; it runs inside the
+    transformer's eager forward, so it joins the transformer's state and step clock, and the counts match (before
+    the fix it got a state of its own: transformer_blocks.0.ff_context ran dense at every step, (8, 0, 0))."""
     pipe = _tiny_hunyuan_pipeline()
     kwargs = _hunyuan_kwargs()
     model = pipe.transformer
