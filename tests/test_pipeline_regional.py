@@ -4,14 +4,11 @@ encoders: the prompt embeddings are given): regional compilation as diffusers re
 HunyuanVideo; a LoRA fused into the FLUX transformer's weights in place and unfused again; FluxImg2ImgPipeline built
 with ``from_pipe`` on the same compiled transformer (its loop starts mid-schedule); ``chipmunk_compile.reset`` and
 ``chipmunk_compile.report`` at odd moments. Each output is compared with the dense pipeline's from the same generator;
-the report says which sites went sparse and how often; the caches must be gone after each loop.
-
-Tests marked xfail(strict=True) show a bug of chipmunk_compile that is still open; their docstrings say what it is."""
+the report says which sites went sparse and how often; the caches must be gone after each loop."""
 
 import logging
 import re
 
-import pytest
 import torch
 from test_pipeline import _rel, _tiny_flux_pipeline, _tiny_hunyuan_pipeline, _tiny_wan_pipeline
 from test_pipeline_more import (
