@@ -211,8 +211,8 @@ class SiteState:
         Inference tensors (weights made under ``torch.inference_mode``) keep no version counter: their values
         are compared once per ``generation`` instead (an in-place change mid-generation goes unseen until the
         next one). A change through ``weight.data`` (peft's ``fuse_lora`` / ``unfuse_lora``) moves neither the
-        address nor the version: once per generation the sampled values are taken on the device, without a
-        sync, into ``deferred``, and :meth:`ModelState.resolve_deferred` compares them all at once."""
+        address nor the version: once per generation a view of the sampled values goes into ``deferred``
+        (no kernel, no sync), and :meth:`ModelState.resolve_deferred` reads and compares them all at once."""
         old = self._watched.get(name)
         if old is not None and weight.data_ptr() == old[0]:
             version = _version(weight)
@@ -222,7 +222,7 @@ class SiteState:
                 if version is not None:  # first call in a new generation: sample on the device, compare later
                     if deferred is not None and generation >= 0:
                         self._watched[name] = (*old[:3], generation)
-                        deferred.append((self, name, weight, _sample_sum(weight)))
+                        deferred.append((self, name, weight, _sample(weight)))
                     return
                 # an inference tensor in a new generation: compare its values now (below)
         new = _fingerprint(weight, generation)  # new, moved or changed: compare a sample of the values (a sync)
@@ -280,17 +280,15 @@ def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _sample_sum(t: torch.Tensor) -> torch.Tensor:
-    """A 0-d fp64 tensor on ``t``'s device: the sum and the sum of squares over 64 sampled values (no sync)."""
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    """A strided view of up to 64 values spread over ``t`` (no kernel, no copy; read later)."""
     flat = t.detach().reshape(-1)
-    step = max(1, flat.numel() // 64)
-    sample = flat[::step][:64].double()
-    return sample.sum() + (sample * sample).sum()
+    return flat[:: max(1, flat.numel() // 64)][:64]
 
 
-def _fingerprint(t: torch.Tensor, generation: int) -> tuple[int, int | None, float, int]:
-    """(address, version, :func:`_sample_sum` as a float, the generation it was taken in)."""
-    return t.data_ptr(), _version(t), float(_sample_sum(t)), generation
+def _fingerprint(t: torch.Tensor, generation: int) -> tuple[int, int | None, tuple[float, ...], int]:
+    """(address, version, the :func:`_sample` values (a sync), the generation they were taken in)."""
+    return t.data_ptr(), _version(t), tuple(_sample(t).tolist()), generation
 
 
 class ModelState:
@@ -315,7 +313,7 @@ class ModelState:
         self._ordinals: dict[str, int] = {"attention": 0, "mlp": 0}
         self.offloader: Any = None
         self.offload_active = config.offload == "always"
-        # weight samples taken on the device once per generation, compared in one batch (SiteState.watch)
+        # views of weight samples, once per generation, read and compared in one batch (SiteState.watch)
         self.deferred: list[tuple[SiteState, str, torch.Tensor, torch.Tensor]] = []
         self._deferred_generation = -1
         # offload "auto": per device, (generation, GPU memory the caches may take in it, bytes per cache key)
@@ -372,18 +370,19 @@ class ModelState:
         return site
 
     def resolve_deferred(self) -> None:
-        """Compare the weight samples :meth:`SiteState.watch` took this generation with the ones before, in one
-        transfer per device (a single sync; at the first call after step 0, before any sparse step reads a
-        weight's derived copy). A weight whose values changed without a new version (changed through
-        ``.data``) gets its derived copies dropped (the MLP's transposed W2); the caches made since, at step
-        0, came from the new values and stay."""
+        """Compare the weight samples :meth:`SiteState.watch` noted this generation with the ones before: one
+        gathering copy and one transfer per (device, dtype) (a single sync; at the first call after step 0,
+        before any sparse step reads a weight's derived copy). A weight whose values changed without a new
+        version (changed through ``.data``) gets its derived copies dropped (the MLP's transposed W2); the
+        caches made since, at step 0, came from the new values and stay."""
         pending, self.deferred = self.deferred, []
-        by_device: dict[torch.device, list] = {}
+        groups: dict[tuple, list] = {}
         for item in pending:
-            by_device.setdefault(item[3].device, []).append(item)
-        for items in by_device.values():
+            groups.setdefault((item[3].device, item[3].dtype, item[3].numel()), []).append(item)
+        for items in groups.values():
             values = torch.stack([item[3] for item in items]).tolist()
             for (site, name, weight, _), value in zip(items, values):
+                value = tuple(value)
                 old = site._watched.get(name)
                 if old is not None and old[0] == weight.data_ptr() and value != old[2]:
                     log.info("chipmunk: weights (%s) of %s site %d changed in place without a new version (e.g. "
