@@ -177,13 +177,13 @@ class SiteStats:
 class SiteState:
     """One rewritten site of one model: its identity, caches per CFG stream, and statistics."""
 
-    def __init__(self, kind: str, uid: int, ordinal: int, key: torch.Tensor | None) -> None:
+    def __init__(self, kind: str, uid: int, ordinal: int, key: torch.Tensor | None, generation: int = -1) -> None:
         self.kind = kind
         self.uid = uid
         self.ordinal = ordinal
         self._key_ref = weakref.ref(key) if key is not None else None
         # fingerprints of the weights the caches and weight_copies derive from: the key, and others (see watch)
-        self._watched: dict[str, tuple] = {"key": _fingerprint(key, -1)} if key is not None else {}
+        self._watched: dict[str, tuple] = {"key": _fingerprint(key, generation)} if key is not None else {}
         self.caches: dict[int, Any] = {}
         self.used: dict[int, tuple[int, int]] = {}  # stream -> (generation, step) of its latest call
         self.weight_copies: dict[str, torch.Tensor] = {}  # derived layouts of the site's weights
@@ -315,7 +315,7 @@ class ModelState:
         self.offload_active = config.offload == "always"
         # views of weight samples, once per generation, read and compared in one batch (SiteState.watch)
         self.deferred: list[tuple[SiteState, str, torch.Tensor, torch.Tensor]] = []
-        self._deferred_generation = -1
+        self._deferred_generation: int | None = None  # the generation whose samples wait in ``deferred``
         # offload "auto": per device, (generation, GPU memory the caches may take in it, bytes per cache key)
         self._gpu_cache_budget: dict[torch.device, tuple[int, int, dict[Hashable, int]]] = {}
         self.generator = torch.Generator(device="cpu")
@@ -355,7 +355,7 @@ class ModelState:
         if site is not None and key is not None and site.key is not key:
             site = None  # the id was reused by a new tensor
         if site is None:
-            site = SiteState(kind, uid, self._ordinals[kind], key)
+            site = SiteState(kind, uid, self._ordinals[kind], key, -1 if info is None else info.generation)
             self._ordinals[kind] += 1
             self._sites[ident] = site
         else:
@@ -363,10 +363,13 @@ class ModelState:
             site.check_weights(key, -1 if info is None else info.generation, self.deferred)
         if info is not None:
             site.used[info.stream] = (info.generation, info.step)
-            if self.deferred and (info.step >= 1 or self._deferred_generation != info.generation):
-                self.resolve_deferred()
-            elif self.deferred:
-                self._deferred_generation = info.generation
+            if self.deferred:
+                # samples noted at step 0 wait for the generation's first later call (one sync per generation);
+                # samples left by a generation that ended at step 0 are read at the next generation's first call
+                if self._deferred_generation is None:
+                    self._deferred_generation = info.generation
+                if info.step >= 1 or self._deferred_generation != info.generation:
+                    self.resolve_deferred()
         return site
 
     def resolve_deferred(self) -> None:
@@ -375,7 +378,7 @@ class ModelState:
         before any sparse step reads a weight's derived copy). A weight whose values changed without a new
         version (changed through ``.data``) gets its derived copies dropped (the MLP's transposed W2); the
         caches made since, at step 0, came from the new values and stay."""
-        pending, self.deferred = self.deferred, []
+        pending, self.deferred, self._deferred_generation = self.deferred, [], None
         groups: dict[tuple, list] = {}
         for item in pending:
             groups.setdefault((item[3].device, item[3].dtype, item[3].numel()), []).append(item)

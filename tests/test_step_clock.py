@@ -247,3 +247,39 @@ def test_last_step_unknown_keeps_the_caches():
     assert any(s.caches for s in state.sites)
     chipmunk_compile.reset(compiled)
     assert not any(s.caches for s in state.sites)
+
+
+def test_weight_samples_are_read_once_per_generation(monkeypatch):
+    """The per-generation check of in-place weight changes (``SiteState.watch``) notes its samples at step 0 and
+    reads them all at once at step 1: one device sync per generation, not one per site (a bug had every site's
+    call at step 0 read the samples at once, 114 syncs per FLUX generation). A generation that ends at step 0
+    leaves its samples to the next generation's first call."""
+    import torch
+
+    from chipmunk_compile.state import ModelState
+    from chipmunk_compile.testing import TinyDiT
+
+    resolved: list[int] = []
+    original = ModelState.resolve_deferred
+
+    def counting(self):
+        resolved.append(len(self.deferred))
+        original(self)
+
+    monkeypatch.setattr(ModelState, "resolve_deferred", counting)
+    opts = {"attention.first_dense_layers": 0, "mlp.first_dense_layers": 0, "attention.query_group": 64,
+            "mlp.block": 64}
+    model = TinyDiT(seq=32, depth=2).eval()
+    compiled = torch.compile(model, backend="chipmunk", options=opts)
+    ts = torch.linspace(1000, 100, 5)
+    _flux_like_loop(compiled, model, ts)  # first generation: new weights are compared at once (no samples noted)
+    assert resolved == []
+    sites = 4  # 2 attention + 2 MLP sites; each MLP site watches W1 (its key) and W2, each attention site its key
+    for _ in range(2):
+        _flux_like_loop(compiled, model, ts, cfg_calls=2)
+        assert resolved == [sites + 2], resolved
+        resolved.clear()
+    _flux_like_loop(compiled, model, ts[:1])  # a generation of step 0 only: its samples wait
+    assert resolved == []
+    _flux_like_loop(compiled, model, ts)  # read at the next generation's first call, then its own at step 1
+    assert resolved == [sites + 2 + 1, sites + 1], resolved
