@@ -82,8 +82,6 @@ class ColumnSparseMlpConfig:
 
     ``up_*``: mm1 (rows × selected units × Din step); ``down_*``: mm2 (rows × Dout × selected-unit step).
     ``rows_fastest``: launch all row tiles of one weight tile together (L2 reuse of gathered weights).
-    ``split_tail``: mm1 programs that would fill at most half of a last wave run as two half-height programs
-    each, in a second launch (see :func:`_up_launches`).
     """
 
     up_bm: int = 128
@@ -97,7 +95,6 @@ class ColumnSparseMlpConfig:
     down_warps: int = 8
     down_stages: int = 3
     rows_fastest: bool = True
-    split_tail: bool = True
 
 
 # Measured on H200 (bench/results/mlp_h200_2026-11-27.csv, FLUX shape, 30% kept, bf16): 128×256 mm1 tiles
@@ -149,31 +146,26 @@ def _activate(h, ACT: tl.constexpr):
 @triton.jit
 def _column_sparse_mlp_up_kernel(
     x_ptr, w1_ptr, b1_ptr, idx_ptr, act_ptr, p_ptr,
-    S, DIN, F, K, N_ROW_TILES, N_FAST, TILE0,
+    S, DIN, F, K, N_ROW_TILES,
     stride_xb, stride_xs, stride_xd,
     stride_w1f, stride_w1d,
     stride_ib, stride_im,
     stride_ab, stride_af,
     stride_pb, stride_ps,
-    BLOCK_SIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROWS_FASTEST: tl.constexpr,
 ):
-    # Tiles are (row tile of BM * SPLIT rows, unit tile) pairs numbered with the fastest axis first (N_FAST
-    # tiles along it); this launch runs tiles TILE0, TILE0 + 1, ..., each as SPLIT programs of BM rows.
-    pid = tl.program_id(0)
-    t = TILE0 + pid // SPLIT
     if ROWS_FASTEST:
-        pid_m = t % N_FAST
-        pid_n = t // N_FAST
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
     else:
-        pid_m = t // N_FAST
-        pid_n = t % N_FAST
+        pid_m = tl.program_id(1)
+        pid_n = tl.program_id(0)
     b = (pid_m // N_ROW_TILES).to(tl.int64)
     mt = pid_m % N_ROW_TILES
-    ROW_TILE: tl.constexpr = BM * SPLIT
-    sel = (mt * ROW_TILE) // BLOCK_SIZE
-    rows = mt * ROW_TILE + (pid % SPLIT) * BM + tl.arange(0, BM)
+    sel = (mt * BM) // BLOCK_SIZE
+    rows = mt * BM + tl.arange(0, BM)
     row_ok = rows < S
     p = pid_n * BN + tl.arange(0, BN)
     p_ok = p < K
@@ -500,21 +492,23 @@ def _launch_up(x, w1, b1, indices, act_cache, packed, activation, gated, block_s
     if plan is None:
         plan = _UP_PLANS.put(signature, _up_plan(x, w1, b1, indices, act_cache, packed, activation, gated,
                                                  block_size, cfg))
-    args = (x, w1, b1 if b1 is not None else w1, indices, act_cache, packed)  # b1 unread without HAS_BIAS
-    for grid, ints, constexprs, warps in plan:
-        _launch_up_kernel(grid, (*args, *ints), constexprs, signature=signature, num_warps=warps,
-                          num_stages=cfg.up_stages)
+    grid, ints, constexprs = plan
+    _launch_up_kernel(
+        grid, (x, w1, b1 if b1 is not None else w1, indices, act_cache, packed, *ints),  # b1 unread without HAS_BIAS
+        constexprs, signature=signature, num_warps=cfg.up_warps, num_stages=cfg.up_stages,
+    )  # fmt: skip
 
 
-def _up_plan(x, w1, b1, indices, act_cache, packed, activation, gated, block_size, cfg) -> list[tuple]:
-    """mm1's launches: [(grid, integer arguments, constexprs, num_warps)], one or two (:func:`_up_launches`)."""
+def _up_plan(x, w1, b1, indices, act_cache, packed, activation, gated, block_size, cfg) -> _LaunchPlan:
+    """(grid, integer arguments, constexprs) of mm1."""
     bsz, seq, din = x.shape
     units, k, k_pad = act_cache.shape[1], indices.shape[2], packed.shape[2]
     bm = _row_tile(cfg.up_bm, block_size)
     upcast, precision = _precision(x)
     n_rows, n_tiles = triton.cdiv(seq, bm), k_pad // cfg.up_bn
-    n_fast = bsz * n_rows if cfg.rows_fastest else n_tiles
-    strides = (
+    grid = (bsz * n_rows, n_tiles) if cfg.rows_fastest else (n_tiles, bsz * n_rows)
+    ints = (
+        seq, din, units, k, n_rows,
         x.stride(0), x.stride(1), x.stride(2),
         w1.stride(0), w1.stride(1),
         indices.stride(0), indices.stride(1),
@@ -522,48 +516,11 @@ def _up_plan(x, w1, b1, indices, act_cache, packed, activation, gated, block_siz
         packed.stride(0), packed.stride(1),
     )  # fmt: skip
     constexprs = dict(
-        BLOCK_SIZE=block_size, BM=bm, BN=cfg.up_bn, BK=cfg.up_bk, SPLIT=1,
+        BLOCK_SIZE=block_size, BM=bm, BN=cfg.up_bn, BK=cfg.up_bk,
         ACT=_ACT_CODE[activation], GATED=gated, HAS_BIAS=b1 is not None, EVEN_K=din % cfg.up_bk == 0,
         UPCAST=upcast, PRECISION=precision, ROWS_FASTEST=cfg.rows_fastest,
     )  # fmt: skip
-    launches = []
-    for tile0, count, split in _up_launches(bsz * n_rows * n_tiles, _up_slots(x.device, cfg, gated, x.dtype),
-                                            cfg.split_tail and bm >= 128):
-        ints = (seq, din, units, k, n_rows, n_fast, tile0, *strides)
-        launches.append(((count * split,), ints, {**constexprs, "BM": bm // split, "SPLIT": split},
-                         max(4, cfg.up_warps // split)))
-    return launches
-
-
-def _up_launches(tiles: int, slots: int, may_split: bool) -> list[tuple[int, int, int]]:
-    """[(first tile, tile count, programs per tile)] of mm1 over ``tiles`` tiles when ``slots`` programs run at
-    once.
-
-    One program per tile leaves a last wave of ``tiles % slots`` programs; when that fills at most half of the
-    slots, those tiles run in a second launch as two programs of half the rows each, which takes about half as
-    long (FLUX at 1280x768 on an H100: 578 tiles of 128x256 on 132 SMs are 4 full waves and 50 programs; mm1's
-    time for 4352 units per block went from 278 to 210 µs at 4 waves, bench/results/mlp_waves_NVIDIA-H100_session8.csv).
-    """
-    full, tail = divmod(tiles, slots)
-    if not may_split or tail == 0 or 2 * tail > slots:
-        return [(0, tiles, 1)]
-    main = full * slots
-    return ([(0, main, 1)] if main else []) + [(main, tail, 2)]
-
-
-def _up_slots(device: torch.device, cfg: ColumnSparseMlpConfig, gated: bool, dtype: torch.dtype) -> int:
-    """How many mm1 programs run at once: SMs times programs per SM (by shared memory; Triton allocates
-    ``num_stages`` buffers). On CPU (the interpreter) a stand-in of 4 SMs, so the tests exercise the split."""
-    per_stage = (cfg.up_bm + cfg.up_bn * (2 if gated else 1)) * cfg.up_bk * dtype.itemsize
-    per_sm = max(1, _SMEM_LIMIT // (per_stage * cfg.up_stages))
-    return _sm_count(device) * per_sm
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return grid, ints, constexprs
 
 
 def _launch_down(packed, w2, indices, out_cache, block_size, cfg, signature=None, copy=None) -> None:

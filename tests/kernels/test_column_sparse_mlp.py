@@ -8,7 +8,7 @@ Tolerance (flash-attention's rule): ``max|kernel − ref64| ≤ 2·max|lowp − 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -209,11 +209,6 @@ KERNEL_CASES = {
     "shared_block256": Case(block=256, seq=300, bsz=1, din=32, units=24, k=10),
     "small_tiles_uneven": Case(din=48, dout=48, config=_SMALL, k=33, gated=True, bsz=1),
     "cols_fastest": Case(config=csm.ColumnSparseMlpConfig(rows_fastest=False), bsz=1, seq=70),
-    # 2 x 5 row tiles of 128 on the interpreter's stand-in of 4 SMs: 8 tiles in full waves, the last 2 as 4
-    # half-height programs (one of them past the ragged end)
-    "tail_split": Case(block=128, seq=630, bsz=2, units=24, k=9),
-    "tail_split_cols_fastest": Case(block=128, seq=630, bsz=2, units=24, k=9,
-                                    config=csm.ColumnSparseMlpConfig(rows_fastest=False)),
 }
 
 
@@ -241,38 +236,6 @@ def test_kernel_out_copy_equals_updated_cache(name):
         csm.column_sparse_mlp_delta(x, w1, b1, w2, idx, a2, o2, **kw, out=o2)
     with pytest.raises(ValueError, match="out must be a contiguous"):
         csm.column_sparse_mlp_delta(x, w1, b1, w2, idx, a2, o2, **kw, out=copy[:, :-1])
-
-
-def test_up_launches_split_a_short_last_wave():
-    """mm1 runs the tiles of a last wave that fills at most half of the slots as two half-height programs each, in
-    a second launch; otherwise one launch."""
-    assert csm._up_launches(578, 132, True) == [(0, 528, 1), (528, 50, 2)]  # FLUX: 34 x 17 tiles on an H100
-    assert csm._up_launches(578, 132, False) == [(0, 578, 1)]
-    assert csm._up_launches(600, 132, True) == [(0, 600, 1)]  # a last wave of 72 > 66: as is
-    assert csm._up_launches(528, 132, True) == [(0, 528, 1)]
-    assert csm._up_launches(50, 132, True) == [(0, 50, 2)]
-
-
-@pytest.mark.parametrize("name", ["tail_split", "tail_split_cols_fastest", "block128_ragged"])
-def test_tail_split_equals_one_launch(name):
-    """Splitting the last wave's tiles by rows changes no value on the GPU (each row's sums run through the same MMA
-    instructions in the same order); the interpreter's numpy matmul may sum a 64-row block in another order."""
-    if _INTERPRETER_BROKEN:
-        pytest.fail(_INTERPRETER_MSG)
-    case = KERNEL_CASES[name]
-    x, w1, b1, w2, idx, act, out = _make(case, torch.float32, DEVICE)
-    cfg = case.config or csm.default_config(case.gated, torch.float32)
-    results = []
-    for split in (True, False):
-        a, o = act.clone(), out.clone()
-        csm.column_sparse_mlp_delta(x, w1, b1, w2, idx, a, o, activation=case.activation, gated=case.gated,
-                                    block_size=case.block, config=replace(cfg, split_tail=split))
-        results.append((a, o))
-    for split, one in zip(results[0], results[1]):
-        if DEVICE == "cuda":
-            assert torch.equal(split, one)
-        else:
-            torch.testing.assert_close(split, one, rtol=1e-6, atol=1e-6)
 
 
 def test_kernel_bf16_upcast_on_cpu():
