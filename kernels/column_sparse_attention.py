@@ -64,16 +64,26 @@ class KernelConfig:
     num_stages: int = 4
 
 
-def _pick_config(head_dim: int, group_size: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
-    # From the sweeps in bench/bench_attention.py (H200, S=4352 and 32768, 7% kept, 12 configurations):
-    # the gather loop is bound by L2 latency/bandwidth, not by the MMAs, so short key chunks with a deep
-    # software pipeline win; 128-row tiles (8 warps, or 4 warps with two MMA row blocks) were slower.
-    # H100 (bench/results/flux_kernels_NVIDIA-H100_session4_run2.csv, bf16, H=24, D=128): 6 stages instead of
-    # 4 took 140 vs 147 µs at S=4352 with 672 keys per group (FLUX) and 2.62 ms either way at S=32768 with
-    # 7% kept; 7 stages were slower at both. 4-byte inputs keep 4 stages (shared memory: 6 would need ~192 KB
-    # at D=128, more than an A100 has).
+def _pick_config(
+    head_dim: int, group_size: int, dtype: torch.dtype = torch.bfloat16, keys: int = 0
+) -> KernelConfig:
+    """Launch configuration for ``keys`` index slots per query group (``Kcap``: known on the host, no sync).
+
+    The loop is bound by the gather (L2 bandwidth/latency), so the pipeline depth matters most. H100, bf16,
+    D=128, strided q/k/v with a base (bench/results/flux_kernels_NVIDIA-H100_session8.csv,
+    attention_long_NVIDIA-H100_session8.csv), after the masked tail loop stopped serializing the wgmmas:
+    with 672 keys (FLUX) 32-key chunks in 6 stages take 120 µs, 64-key chunks in 5 stages 130 µs (the half-used
+    last chunk weighs more); with 2294 keys (S=32768, 7%) 2.46 vs 2.38 ms, 6016 keys (HunyuanVideo 129 frames,
+    5%) 23.4 vs 21.1 ms, 7552 keys (Wan 81 frames, 10%) 30.2 vs 27.2 ms. 128-row tiles (8 warps) were slower at
+    every length. 4-byte inputs keep 32-key chunks in 4 stages (shared memory: 6 would need ~192 KB at D=128,
+    more than an A100 has).
+    """
     del head_dim, group_size
-    return KernelConfig(num_stages=6 if dtype.itemsize <= 2 else 4)
+    if dtype.itemsize > 2:
+        return KernelConfig(num_stages=4)
+    if keys >= 2048:
+        return KernelConfig(block_n=64, num_stages=5)
+    return KernelConfig(num_stages=6)
 
 
 def _interpreting() -> bool:
@@ -364,7 +374,7 @@ def _plan(q, k, v, indices, counts, group_size, key_bias, base, config, validate
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     G = triton.cdiv(S, group_size)
-    cfg = config or _pick_config(D, group_size, q.dtype)
+    cfg = config or _pick_config(D, group_size, q.dtype, indices.shape[3])
     if group_size % cfg.block_m != 0:
         raise ValueError(f"column_sparse_attention: block_m={cfg.block_m} must divide group_size={group_size}")
     out_shape = (B, S, Hq, D)

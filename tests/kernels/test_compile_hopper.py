@@ -124,6 +124,9 @@ def _attention(dtype, head_dim):
     csa.column_sparse_attention(q, k, v, idx[:, :, :2].contiguous(), counts[:, :, :2].contiguous(), scale=0.1,
                                 group_size=192)
     colsum.attention_with_colsum(q, k, v, scale=0.1, group_size=128, key_bias=bias)
+    # 2048 or more index slots per group: the default configuration for long sequences (64-key chunks)
+    long_idx = torch.zeros(1, 2, groups, 2048, dtype=torch.int32)
+    csa.column_sparse_attention(q, k, v, long_idx, counts, scale=0.1, group_size=128, base=q)
 
 
 def _mlp(dtype, gated):
