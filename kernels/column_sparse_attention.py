@@ -65,23 +65,25 @@ class KernelConfig:
 
 
 def _pick_config(
-    head_dim: int, group_size: int, dtype: torch.dtype = torch.bfloat16, keys: int = 0
+    head_dim: int, group_size: int, dtype: torch.dtype = torch.bfloat16, keys: int = 0, has_bias: bool = False
 ) -> KernelConfig:
-    """Launch configuration for ``keys`` index slots per query group (``Kcap``: known on the host, no sync).
+    """Launch configuration for ``keys`` index slots per query group (``Kcap``: known on the host, no sync) and
+    whether a key bias is added.
 
     The loop is bound by the gather (L2 bandwidth/latency), so the pipeline depth matters most. H100, bf16,
     D=128, strided q/k/v with a base (bench/results/flux_kernels_NVIDIA-H100_session8.csv,
     attention_long_NVIDIA-H100_session8.csv), after the masked tail loop stopped serializing the wgmmas:
     with 672 keys (FLUX) 32-key chunks in 6 stages take 120 µs, 64-key chunks in 5 stages 130 µs (the half-used
     last chunk weighs more); with 2294 keys (S=32768, 7%) 2.46 vs 2.38 ms, 6016 keys (HunyuanVideo 129 frames,
-    5%) 23.4 vs 21.1 ms, 7552 keys (Wan 81 frames, 10%) 30.2 vs 27.2 ms. 128-row tiles (8 warps) were slower at
-    every length. 4-byte inputs keep 32-key chunks in 4 stages (shared memory: 6 would need ~192 KB at D=128,
-    more than an A100 has).
+    5%) 23.4 vs 21.1 ms, 7552 keys (Wan 81 frames, 10%) 30.2 vs 27.2 ms; but with a key bias (HunyuanVideo's
+    text padding mask) 64-key chunks were slower at 6016 keys (30.9 vs 27.6 ms;
+    attention_long2_NVIDIA-H100_session8.csv). 128-row tiles (8 warps) were slower at every length. 4-byte
+    inputs keep 32-key chunks in 4 stages (shared memory: 6 would need ~192 KB at D=128, more than an A100 has).
     """
     del head_dim, group_size
     if dtype.itemsize > 2:
         return KernelConfig(num_stages=4)
-    if keys >= 2048:
+    if keys >= 2048 and not has_bias:
         return KernelConfig(block_n=64, num_stages=5)
     return KernelConfig(num_stages=6)
 
@@ -374,7 +376,7 @@ def _plan(q, k, v, indices, counts, group_size, key_bias, base, config, validate
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     G = triton.cdiv(S, group_size)
-    cfg = config or _pick_config(D, group_size, q.dtype, indices.shape[3])
+    cfg = config or _pick_config(D, group_size, q.dtype, indices.shape[3], key_bias is not None)
     if group_size % cfg.block_m != 0:
         raise ValueError(f"column_sparse_attention: block_m={cfg.block_m} must divide group_size={group_size}")
     out_shape = (B, S, Hq, D)

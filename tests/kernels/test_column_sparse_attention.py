@@ -232,8 +232,9 @@ def test_supports_rejects_cpu_without_interpreter(monkeypatch):
 
 
 def test_default_config_by_key_count():
-    """64-key chunks in 5 stages from 2048 index slots per group (long video sequences), 32-key chunks in 6 stages
-    below (FLUX's 672), 4 stages for 4-byte inputs (shared memory)."""
+    """64-key chunks in 5 stages from 2048 index slots per group (long video sequences) without a key bias,
+    32-key chunks in 6 stages below (FLUX's 672) or with a bias, 4 stages for 4-byte inputs (shared memory)."""
     assert csa._pick_config(128, 128, torch.bfloat16, 672) == csa.KernelConfig(64, 32, 4, 6)
     assert csa._pick_config(128, 128, torch.bfloat16, 6016) == csa.KernelConfig(64, 64, 4, 5)
+    assert csa._pick_config(128, 128, torch.bfloat16, 6016, has_bias=True) == csa.KernelConfig(64, 32, 4, 6)
     assert csa._pick_config(128, 128, torch.float32, 6016) == csa.KernelConfig(64, 32, 4, 4)
