@@ -24,10 +24,12 @@ Kernel design (why, not what):
 Measured (H200, bf16, B=1, H=24, D=128, group 128, random sorted keys, 2026-11-27; CSV in bench/results/):
 at 7% kept, S=32768: 2.6-2.7 ms, 8.0-8.3x cuDNN dense (~350 TFLOP/s effective), FlexAttention with
 128x128 blocks at the same fraction 9.0-9.2x; S=119056: 33.7 ms, 9.2x; S=4352: 0.09 ms, 4.5x. The loop
-is bound by the gather (L2 latency/bandwidth: every 64-row tile re-reads its keys), not by the MMAs:
-32-key chunks with 4 stages beat 64/128-key chunks and 128-row tiles. H100 (same run conditions,
-bench/results/attention_NVIDIA-H100_2026-11-27.csv): S=32768 at 7% kept 2.67 ms, 7.7x cuDNN (FlexAttention
-8.8x); at 5% 2.12 ms, 9.7x (FlexAttention 11.1x).
+is bound by the gather (L2 latency/bandwidth: every 64-row tile re-reads its keys), not by the MMAs (the
+exponentials in f16x2, two per MUFU op, gained nothing: bench/results/attention_variants_NVIDIA-H100_session8.csv).
+H100 (same run conditions, bench/results/attention_NVIDIA-H100_2026-11-27.csv): S=32768 at 7% kept 2.67 ms,
+7.7x cuDNN (FlexAttention 8.8x); at 5% 2.12 ms, 9.7x (FlexAttention 11.1x). Session 8, after the masked tail
+loop stopped serializing the main loop's wgmmas and with 64-key chunks for long key lists (_pick_config):
+2.37 ms at 7% (8.8x; FlexAttention 9.1x), 1.89 ms at 5% (11.1x; 11.9x); FLUX's 672 keys 120 µs (140 before).
 """
 
 from __future__ import annotations
