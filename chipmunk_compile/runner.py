@@ -255,7 +255,6 @@ def _outer_forward() -> tuple[torch.nn.Module, Any, tuple] | None:
     if len(found) < 2 or all(f[0] is found[0][0] for f in found):
         return None
     return found[-1]
-    return None
 
 
 def _module_state(module: torch.nn.Module, config: ChipmunkConfig) -> ModelState:
