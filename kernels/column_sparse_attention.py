@@ -67,10 +67,11 @@ class KernelConfig:
 
 
 def _pick_config(
-    head_dim: int, group_size: int, dtype: torch.dtype = torch.bfloat16, keys: int = 0, has_bias: bool = False
+    head_dim: int, group_size: int, dtype: torch.dtype = torch.bfloat16, keys: int = 0, has_bias: bool = False,
+    smem_per_sm: int | None = None,
 ) -> KernelConfig:
-    """Launch configuration for ``keys`` index slots per query group (``Kcap``: known on the host, no sync) and
-    whether a key bias is added.
+    """Launch configuration for ``keys`` index slots per query group (``Kcap``: known on the host, no sync),
+    whether a key bias is added, and the card's shared memory per SM (None: unknown, e.g. the interpreter).
 
     The loop is bound by the gather (L2 bandwidth/latency), so the pipeline depth matters most. H100, bf16,
     D=128, strided q/k/v with a base (bench/results/flux_kernels_NVIDIA-H100_session8.csv,
@@ -81,11 +82,13 @@ def _pick_config(
     text padding mask) 64-key chunks were slower at 6016 keys (30.9 vs 27.6 ms;
     attention_long2_NVIDIA-H100_session8.csv). 128-row tiles (8 warps) were slower at every length. 4-byte
     inputs keep 32-key chunks in 4 stages (shared memory: 6 would need ~192 KB at D=128, more than an A100 has).
+    The 64-key pipeline takes ~115 KB of shared memory: cards with less than 160 KB per SM (Ada: 100 KB) keep
+    the 32-key one (~66 KB).
     """
     del head_dim, group_size
     if dtype.itemsize > 2:
         return KernelConfig(num_stages=4)
-    if keys >= 2048 and not has_bias:
+    if keys >= 2048 and not has_bias and (smem_per_sm is None or smem_per_sm >= 160 * 1024):
         return KernelConfig(block_n=64, num_stages=5)
     return KernelConfig(num_stages=6)
 
@@ -378,7 +381,8 @@ def _plan(q, k, v, indices, counts, group_size, key_bias, base, config, validate
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     G = triton.cdiv(S, group_size)
-    cfg = config or _pick_config(D, group_size, q.dtype, indices.shape[3], key_bias is not None)
+    smem = torch.cuda.get_device_properties(q.device).shared_memory_per_multiprocessor if q.is_cuda else None
+    cfg = config or _pick_config(D, group_size, q.dtype, indices.shape[3], key_bias is not None, smem)
     if group_size % cfg.block_m != 0:
         raise ValueError(f"column_sparse_attention: block_m={cfg.block_m} must divide group_size={group_size}")
     out_shape = (B, S, Hq, D)

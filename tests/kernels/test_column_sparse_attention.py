@@ -237,4 +237,6 @@ def test_default_config_by_key_count():
     assert csa._pick_config(128, 128, torch.bfloat16, 672) == csa.KernelConfig(64, 32, 4, 6)
     assert csa._pick_config(128, 128, torch.bfloat16, 6016) == csa.KernelConfig(64, 64, 4, 5)
     assert csa._pick_config(128, 128, torch.bfloat16, 6016, has_bias=True) == csa.KernelConfig(64, 32, 4, 6)
+    assert csa._pick_config(128, 128, torch.bfloat16, 6016, smem_per_sm=228 * 1024) == csa.KernelConfig(64, 64, 4, 5)
+    assert csa._pick_config(128, 128, torch.bfloat16, 6016, smem_per_sm=100 * 1024) == csa.KernelConfig(64, 32, 4, 6)
     assert csa._pick_config(128, 128, torch.float32, 6016) == csa.KernelConfig(64, 32, 4, 4)
