@@ -37,8 +37,21 @@ def _keep_from_indices(indices, counts, s, sk, group):
     return keep.repeat_interleave(group, dim=2)[:, :, :s]
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_sparse_attention_equals_independent_formula(masked):
+@pytest.mark.parametrize("masked", [False, True, "float"])
+def test_sparse_attention_equals_independent_formula(masked, monkeypatch):
+    """The cache (dense step) and the sparse step against the dense formula restricted to the selected keys.
+    With a key-padding mask the selection lists no masked key, so for a bool mask the sparse passes run without
+    a key bias (the faster kernel); an additive float mask keeps its bias (it may hold other values)."""
+    from chipmunk_compile import sparse_attention
+
+    biases = []
+    sparse = sparse_attention._sparse
+
+    def recording(*args, key_bias, **kwargs):
+        biases.append(key_bias)
+        return sparse(*args, key_bias=key_bias, **kwargs)
+
+    monkeypatch.setattr(sparse_attention, "_sparse", recording)
     cfg = ChipmunkConfig().with_overrides({"attention.first_dense_layers": 0, "attention.query_group": 64,
                                            "attention.keep": 0.2, "attention.random_keep": 0.1,
                                            "attention.first_dense_steps": 1})
@@ -49,6 +62,8 @@ def test_sparse_attention_equals_independent_formula(masked):
     if masked:
         mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
         mask[1, ..., 100:] = False
+        if masked == "float":
+            mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
     op = torch.ops.chipmunk.attention.default
     w = torch.randn(4, 4)
     o0 = _call(state, 0, op, q0, k0, v0, mask, w, 7, None, False, 0, 0)
@@ -65,6 +80,8 @@ def test_sparse_attention_equals_independent_formula(masked):
     expected = o0.double() - _masked_attention(q0, k0, v0, keep, scale) + _masked_attention(q1, k1, v1, keep, scale)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     assert out.stride() == torch.empty(b, s, h, d).permute(0, 2, 1, 3).stride()
+    assert len(biases) == 2  # the cache at step 0, the sparse step 1
+    assert all((bias is None) == (masked != "float") for bias in biases), [type(x) for x in biases]
 
 
 def test_one_time_selection_is_made_at_the_first_dense_step():
