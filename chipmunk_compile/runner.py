@@ -77,6 +77,7 @@ class Runner:
             else:
                 self.user_indices.append(i)
         self._graph_state: ModelState | None = None
+        self._joins: dict[tuple[int, int], bool] = {}  # see _outer_forward
 
     # ------------------------------------------------------------------ state lookup
     def state_for(self, args: tuple) -> ModelState:
@@ -114,7 +115,7 @@ class Runner:
         # input that runs inside a larger model's eager forward (a regionally compiled block with a timestep of
         # its own, e.g. HunyuanVideo's token refiner): all regions of one model share its step clock and its
         # site numbering, as when the whole model is compiled.
-        driver = _enclosing_forward() if t is None else _outer_forward()
+        driver = _enclosing_forward() if t is None else _outer_forward(self._joins)
         if driver is not None:
             # A region of a larger model (regional compilation, or a graph after a graph break): the
             # enclosing eager forward holds the timestep; all regions of one forward share one step.
@@ -247,14 +248,25 @@ def _enclosing_forward() -> tuple[torch.nn.Module, Any, tuple] | None:
     return next(_timestep_forwards(), None)
 
 
-def _outer_forward() -> tuple[torch.nn.Module, Any, tuple] | None:
-    """For a graph with a timestep input: the outermost ``forward`` with a timestep on the call stack when it is
-    another module's than the innermost one (the graph's own forward), i.e. the graph is a region of a larger
-    model; else None (a whole-model graph drives its own clock)."""
+def _outer_forward(joins: dict[tuple[int, int], bool]) -> tuple[torch.nn.Module, Any, tuple] | None:
+    """For a graph with a timestep input: the outermost ``forward`` with a timestep on the call stack when the
+    graph is a region of a model compiled by regions (another module's forward than the innermost one, the
+    graph's own, and that module has other compiled submodules: ``compile_repeated_blocks``); else None (the
+    graph drives its own clock: a whole compiled model, also when an eager wrapper with a ``timestep`` argument
+    calls it). ``joins`` caches the decision per (inner, outer) module pair."""
     found = list(_timestep_forwards())
-    if len(found) < 2 or all(f[0] is found[0][0] for f in found):
+    if len(found) < 2:
         return None
-    return found[-1]
+    inner, outer = found[0][0], found[-1][0]
+    if outer is inner:
+        return None
+    key = (id(inner), id(outer))
+    join = joins.get(key)
+    if join is None:
+        own = {id(m) for m in inner.modules()}
+        join = joins[key] = any(getattr(m, "_compiled_call_impl", None) is not None
+                                for m in outer.modules() if id(m) not in own)
+    return found[-1] if join else None
 
 
 def _module_state(module: torch.nn.Module, config: ChipmunkConfig) -> ModelState:

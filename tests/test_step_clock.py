@@ -283,3 +283,32 @@ def test_weight_samples_are_read_once_per_generation(monkeypatch):
     assert resolved == []
     _flux_like_loop(compiled, model, ts)  # read at the next generation's first call, then its own at step 1
     assert resolved == [sites + 2 + 1, sites + 1], resolved
+
+
+def test_whole_model_compile_called_from_an_eager_wrapper_keeps_its_own_state():
+    """A whole compiled model called from an eager module whose forward also takes a ``timestep`` (a user's
+    wrapper) keeps its state on its own parameters: ``report``/``reset``/``states_of`` of the model find it. Only
+    a graph of a model compiled by regions joins the enclosing model's state (HunyuanVideo's token refiner)."""
+    import torch
+
+    import chipmunk_compile
+    from chipmunk_compile.testing import TinyDiT
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, timestep):
+            return self.inner(x, timestep=timestep)
+
+    model = TinyDiT(seq=32, depth=2).eval()
+    wrapper = Wrapper(torch.compile(model, backend="chipmunk",
+                                    options={"attention.first_dense_layers": 0, "attention.query_group": 64}))
+    x = torch.randn(1, 32, 8)
+    with torch.no_grad():
+        for t in (900.0, 800.0, 700.0):
+            wrapper(x, timestep=torch.tensor([t]))
+    (state,) = chipmunk_compile.states_of(model)
+    assert state.sites and state.clock.generation == 0
+    assert not wrapper.__dict__.get("_chipmunk_model_states")
