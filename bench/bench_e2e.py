@@ -133,6 +133,8 @@ class E2EResult:
     # chipmunk's own kernels: host seconds of their normal-path launches in this backend's run (Triton compiles
     # or loads them from its disk cache on the first launch of each variant; part of compile_s)
     triton_first_launch_s: float = 0.0
+    # the warm-up generation's steps (compiles and first-call work included): compile_s by step
+    warmup_step_ms: list[float] = field(default_factory=list)
 
 
 def build_flux(cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
@@ -379,7 +381,9 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
     warm_steps = 1 if limit and name == "inductor" else limit
     _sync(device)
     t0 = time.perf_counter()
-    generate(compiled, call, shape, cfg.steps, device, dtype, max_steps=warm_steps, graphs=graphs)
+    warm_ms: list[float] = []
+    generate(compiled, call, shape, cfg.steps, device, dtype, max_steps=warm_steps, graphs=graphs,
+             step_times=warm_ms)
     _sync(device)
     first = time.perf_counter() - t0
     graphs = counters["stats"]["unique_graphs"]
@@ -412,7 +416,7 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
 
         report = str(chipmunk_compile.report(model))
     res = E2EResult(name, sec, first, first - sec, peak, counters["stats"]["unique_graphs"] - graphs, steps_ms,
-                    gc_ms[0] / cfg.repeats, resident, normal_path_stats()[1] - launch_s0)
+                    gc_ms[0] / cfg.repeats, resident, normal_path_stats()[1] - launch_s0, warm_ms)
     del model, compiled
     gc.collect()
     if device.type == "cuda":
