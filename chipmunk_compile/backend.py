@@ -39,6 +39,24 @@ def _inductor_patches(mode: str | None, options: dict[str, Any]) -> dict[str, An
     return patches
 
 
+def _warm_compile_pool() -> None:
+    """Start Inductor's subprocess compile pool now, as its own backend does on entry.
+
+    Inductor compiles Triton kernels in that pool only once it is ready, and in the calling process, one after
+    another, until then. Its own backend starts the pool before the graph's passes and lowering, so the pool
+    is up by the time kernels are compiled; a backend that calls ``compile_fx`` directly creates it lazily, at
+    the first kernel, and compiles the first graph's kernels one by one while it starts. Before this, Wan 2.1
+    at 720p/81 frames with fresh caches (H100) took 17.2 s longer in its first step than warm, against
+    Inductor's 12.9 s.
+    """
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:  # an Inductor without it: nothing to start
+        return
+    maybe_warm_pool()
+    counters["chipmunk"]["compile_pool_warmed"] += 1
+
+
 def compile_graph(
     gm: fx.GraphModule,
     example_inputs: list[Any],
@@ -50,6 +68,7 @@ def compile_graph(
     """Rewrite ``gm``'s attention/MLP sites, compile the rest with Inductor, wrap it in a :class:`Runner`."""
     from torch._inductor.compile_fx import compile_fx
 
+    _warm_compile_pool()
     patches = _inductor_patches(mode, inductor_options or {})
     wants_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs

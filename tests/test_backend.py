@@ -266,3 +266,29 @@ def test_a_module_applied_twice_per_forward_gets_two_sites():
         assert len(rows) == 2 and all(r.dense_calls == 1 and r.sparse_calls == 2 for r in rows), str(rows)
     for got, want in zip(outs["shared"], outs["separate"]):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_inductor_compile_pool_is_started_before_the_passes(monkeypatch):
+    """Inductor compiles kernels in its subprocess pool only once the pool is ready (in the caller, one by one,
+    before): its own backend starts the pool on entry, and ours must too, before its passes and compile_fx."""
+    import torch._inductor.async_compile as async_compile
+
+
+    chipmunk_backend = sys.modules["chipmunk_compile.backend"]  # the package's `backend` is the function
+    events = []
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: events.append("pool"))
+    real_passes = chipmunk_backend.run_passes
+
+    def passes(*args, **kwargs):
+        events.append("passes")
+        return real_passes(*args, **kwargs)
+
+    monkeypatch.setattr(chipmunk_backend, "run_passes", passes)
+    torch._dynamo.reset()
+    model = TinyDiT(depth=1, seq=16).eval()
+    x, t = torch.randn(1, 16, 8), torch.tensor([500.0])
+    with torch.no_grad():
+        out = torch.compile(model, backend="chipmunk")(x, timestep=t)
+        torch.testing.assert_close(out, model(x, timestep=t), atol=1e-5, rtol=1e-5)
+    assert events[:2] == ["pool", "passes"], events
+    assert chipmunk_compile.report(model).sites, "the graph was not rewritten"
