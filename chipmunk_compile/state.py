@@ -183,7 +183,8 @@ class SiteState:
         self.ordinal = ordinal
         self._key_ref = weakref.ref(key) if key is not None else None
         # fingerprints of the weights the caches and weight_copies derive from: the key, and others (see watch)
-        self._watched: dict[str, tuple] = {"key": _fingerprint(key, generation)} if key is not None else {}
+        # (a new site's baseline sample stays on the device until a later generation compares with it: no sync)
+        self._watched: dict[str, tuple] = {"key": _fingerprint(key, generation, lazy=True)} if key is not None else {}
         self.caches: dict[int, Any] = {}
         self.used: dict[int, tuple[int, int]] = {}  # stream -> (generation, step) of its latest call
         self.weight_copies: dict[str, torch.Tensor] = {}  # derived layouts of the site's weights
@@ -225,8 +226,9 @@ class SiteState:
                         deferred.append((self, name, weight, _sample(weight)))
                     return
                 # an inference tensor in a new generation: compare its values now (below)
-        new = _fingerprint(weight, generation)  # new, moved or changed: compare a sample of the values (a sync)
-        if old is not None and new[2] != old[2]:
+        # new: keep a device copy of the sample (no sync); moved or changed: compare a sample of the values (a sync)
+        new = _fingerprint(weight, generation, lazy=old is None)
+        if old is not None and _read_samples([new[2]])[0] != _read_samples([old[2]])[0]:
             log.info("chipmunk: weights (%s) of %s site %d changed; caches dropped", name, self.kind, self.ordinal)
             self.caches.clear()
             self.weight_copies.clear()
@@ -286,9 +288,23 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
     return flat[:: max(1, flat.numel() // 64)][:64]
 
 
-def _fingerprint(t: torch.Tensor, generation: int) -> tuple[int, int | None, tuple[float, ...], int]:
-    """(address, version, the :func:`_sample` values (a sync), the generation they were taken in)."""
-    return t.data_ptr(), _version(t), tuple(_sample(t).tolist()), generation
+def _fingerprint(t: torch.Tensor, generation: int, lazy: bool = False) -> tuple[int, int | None, Any, int]:
+    """(address, version, the :func:`_sample` values, the generation they were taken in).
+
+    The values are read at once (a sync), or with ``lazy`` kept as a device copy of the sample (one small
+    kernel, no sync) that :func:`_read_samples` reads when a later generation first compares with it. A model's
+    first generation then runs without syncs: one per new site made the host wait for the device at every site
+    of step 0, so the first launches of the Triton kernels at steps 1 and 2 (their compiles) found an empty
+    queue and the device idled through them."""
+    sample = _sample(t)
+    return t.data_ptr(), _version(t), sample.clone() if lazy else tuple(sample.tolist()), generation
+
+
+def _read_samples(samples: list[Any]) -> list[tuple[float, ...]]:
+    """The values of samples (tuples, or device tensors of equal size, dtype and device, read in one transfer)."""
+    tensors = [s for s in samples if isinstance(s, torch.Tensor)]
+    rows = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [tuple(next(rows)) if isinstance(s, torch.Tensor) else s for s in samples]
 
 
 class ModelState:
@@ -382,11 +398,19 @@ class ModelState:
         groups: dict[tuple, list] = {}
         for item in pending:
             groups.setdefault((item[3].device, item[3].dtype, item[3].numel()), []).append(item)
-        for items in groups.values():
-            values = torch.stack([item[3] for item in items]).tolist()
-            for (site, name, weight, _), value in zip(items, values):
-                value = tuple(value)
-                old = site._watched.get(name)
+        for key, items in groups.items():
+            olds = [site._watched.get(name) for site, name, _, _ in items]
+            # baselines still on the device (a new site's, see _fingerprint) of this group's size: the same read
+            lazy = [i for i, old in enumerate(olds) if old is not None and isinstance(old[2], torch.Tensor)
+                    and (old[2].device, old[2].dtype, old[2].numel()) == key]
+            read = _read_samples([item[3] for item in items] + [olds[i][2] for i in lazy])
+            for i, value in zip(lazy, read[len(items):]):
+                olds[i] = (*olds[i][:2], value, olds[i][3])
+                items[i][0]._watched[items[i][1]] = olds[i]
+            for (site, name, weight, _), value, old in zip(items, read, olds):
+                if old is not None and isinstance(old[2], torch.Tensor):  # a baseline of another size: own read
+                    old = (*old[:2], _read_samples([old[2]])[0], old[3])
+                    site._watched[name] = old
                 if old is not None and old[0] == weight.data_ptr() and value != old[2]:
                     log.info("chipmunk: weights (%s) of %s site %d changed in place without a new version (e.g. "
                              "a fused LoRA); derived copies dropped", name, site.kind, site.ordinal)

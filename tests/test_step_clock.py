@@ -285,6 +285,50 @@ def test_weight_samples_are_read_once_per_generation(monkeypatch):
     assert resolved == [sites + 2 + 1, sites + 1], resolved
 
 
+def test_first_generation_reads_no_weight_samples_and_later_ones_read_once(monkeypatch):
+    """A new site keeps its weights' baseline sample on the device: the model's first generation reads none
+    (a read is a device sync; one per new site at step 0 left the device idle through the Triton compiles of
+    steps 1 and 2), and the next generation reads the baselines together with its own samples, in one read.
+    A weight changed through ``.data`` between the generations is still caught against the device baseline."""
+    import torch
+
+    import chipmunk_compile
+    import chipmunk_compile.state as state_mod
+    from chipmunk_compile.testing import TinyDiT
+
+    reads: list[int] = []
+    original = state_mod._read_samples
+
+    def counting(samples):
+        if any(isinstance(s, torch.Tensor) for s in samples):  # only device samples cost a read
+            reads.append(sum(isinstance(s, torch.Tensor) for s in samples))
+        return original(samples)
+
+    monkeypatch.setattr(state_mod, "_read_samples", counting)
+    opts = {"attention.first_dense_layers": 0, "mlp.first_dense_layers": 0, "attention.query_group": 64,
+            "mlp.block": 64}
+    model = TinyDiT(seq=32, depth=2).eval()
+    compiled = torch.compile(model, backend="chipmunk", options=opts)
+    ts = torch.linspace(1000, 100, 5)
+    _flux_like_loop(compiled, model, ts)
+    assert reads == [], reads
+    watched = 6  # 2 attention keys, 2 MLP W1 (their keys) and 2 MLP W2
+    _flux_like_loop(compiled, model, ts)
+    assert reads == [2 * watched], reads  # this generation's samples and the device baselines, one read
+    reads.clear()
+    (state,) = chipmunk_compile.states_of(model)
+    mlp = [site for site in state.sites if site.kind == "mlp"][0]
+    on_device = [(site.kind, site.ordinal, name) for site in state.sites
+                 for name, value in site._watched.items() if isinstance(value[2], torch.Tensor)]
+    assert not on_device, on_device  # the baselines were read with the samples
+    mlp.weight_copies["probe"] = torch.zeros(1)
+    w2 = model.blocks[0].fc2.weight if mlp.ordinal == 0 else model.blocks[1].fc2.weight
+    w2.data.mul_(1.5)  # a fused LoRA: in place through .data, no new version
+    _flux_like_loop(compiled, model, ts)
+    assert reads == [watched], reads
+    assert "probe" not in mlp.weight_copies
+
+
 def test_whole_model_compile_called_from_an_eager_wrapper_keeps_its_own_state():
     """A whole compiled model called from an eager module whose forward also takes a ``timestep`` (a user's
     wrapper) keeps its state on its own parameters: ``report``/``reset``/``states_of`` of the model find it. Only
