@@ -45,9 +45,10 @@ def _warm_compile_pool() -> None:
     Inductor compiles Triton kernels in that pool only once it is ready, and in the calling process, one after
     another, until then. Its own backend starts the pool before the graph's passes and lowering, so the pool
     is up by the time kernels are compiled; a backend that calls ``compile_fx`` directly creates it lazily, at
-    the first kernel, and compiles the first graph's kernels one by one while it starts. Before this, Wan 2.1
-    at 720p/81 frames with fresh caches (H100) took 17.2 s longer in its first step than warm, against
-    Inductor's 12.9 s.
+    the first kernel, and compiles the first graph's kernels one by one while it starts. Measured (Wan 2.1 at
+    720p/81 frames, fresh caches, H100): the first step's extra time went from 17.2 to 16.5 s, within what
+    runs vary; what made our first generation slow was a device sync per new site (see state._fingerprint).
+    Kept because it costs nothing and does what Inductor's own entry does.
     """
     try:
         from torch._inductor.async_compile import maybe_warm_pool
