@@ -80,7 +80,7 @@ def compile_graph(
         log.warning("chipmunk: %s", plan.note)
         counters["chipmunk"]["graphs_skipped_grad"] += 1
     else:
-        plan = run_passes(gm, config)
+        plan = run_passes(gm, config, cudagraphs=bool(patches.get("triton.cudagraphs")))
     counters["chipmunk"]["graphs"] += 1
     if not plan.rewritten() and not wants_grad:
         plan.note = plan.note or "no attention or MLP site could be rewritten in this graph"

@@ -96,6 +96,12 @@ class MlpConfig(ScheduleFields):
     reason in the report (decided at compile time from the traced shape). A short sequence gives the sparse
     kernels too few row tiles to fill the GPU, so they save no time while the site still pays its launches
     and selections (FLUX's 512-token text MLPs; the original method leaves them dense too).
+
+    ``early_selection``: where other work (an attention branch, a linear) runs between the point where an MLP's
+    input is ready and its own call (FLUX's and HunyuanVideo's single-stream blocks: the MLP and attention
+    branches share one input), the unit selection of a selection step is launched at that point, on a side
+    stream, and overlaps that work; the MLP waits for it. The same selection, bit for bit. Off under
+    ``mode="reduce-overhead"`` (every op call outside the CUDA graphs splits them).
     """
 
     enabled: bool = True
@@ -105,9 +111,12 @@ class MlpConfig(ScheduleFields):
     selection_every: int = 2
     first_dense_steps: int = 1
     min_tokens: int = 0
+    early_selection: bool = True
 
     def __post_init__(self) -> None:
         self._validate_schedule("mlp")
+        if not isinstance(self.early_selection, bool):
+            raise ConfigError(f"mlp.early_selection must be a bool, got {self.early_selection!r}")
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
             raise ConfigError(f"mlp.min_tokens must be an int >= 0, got {self.min_tokens!r}")
         _check_fraction("mlp.keep", self.keep, allow_zero=False)

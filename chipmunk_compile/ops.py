@@ -1,4 +1,5 @@
-"""The custom ops the passes insert: ``torch.ops.chipmunk.attention`` and ``torch.ops.chipmunk.mlp``.
+"""The custom ops the passes insert: ``torch.ops.chipmunk.attention``, ``torch.ops.chipmunk.mlp`` and
+``torch.ops.chipmunk.mlp_select`` (an MLP's selection launched ahead of its call, see ``mlp.early_selection``).
 
 Both are functional (no argument is mutated): their caches live in the per-model state that the runner
 activates for each compiled call (see :mod:`chipmunk_compile.state`), never in the graph. Called with no
@@ -28,14 +29,18 @@ _TAGS = (torch._C.Tag.cudagraph_unsafe,) if hasattr(torch._C.Tag, "cudagraph_uns
 _LIB = torch.library.Library("chipmunk", "DEF")  # lives as long as the module
 _LIB.define(
     "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? site_key, int site_uid, float? scale, "
-    "bool enable_gqa, SymInt text_start, SymInt text_len) -> Tensor",
+    "bool enable_gqa, SymInt text_start, SymInt text_len, Tensor? after=None) -> Tensor",
     tags=_TAGS,
 )
 _LIB.define(
     "mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int site_uid, str activation, bool gated, "
-    "int w2_offset, int w2_width) -> Tensor",
+    "int w2_offset, int w2_width, Tensor? selection=None) -> Tensor",
     tags=_TAGS,
 )
+# Seeded: it draws the selection's random seed (its order among the model's draws matters), and Inductor keeps
+# such ops where the graph puts them; otherwise its locality pass moves an op next to its only consumer.
+_LIB.define("mlp_select(Tensor x, Tensor w1, Tensor? b1, bool gated) -> Tensor",
+            tags=(*_TAGS, torch._C.Tag.nondeterministic_seeded))
 # The stats of the op call that just ran, read by the FLOP formulas (FlopCounterMode calls them right
 # after the op); the FLOPs themselves are computed only when asked, as they need a host sync.
 _LAST_STATS: contextvars.ContextVar[SiteStats | None] = contextvars.ContextVar("chipmunk_last_stats", default=None)
@@ -52,6 +57,7 @@ def attention(
     enable_gqa: bool,
     text_start: int,
     text_len: int,
+    after: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Self/joint attention with cached column-sparse deltas.
 
@@ -63,6 +69,7 @@ def attention(
         site_uid: the site's id in its compiled plan. scale: softmax scale (None: D**-0.5).
         text_start, text_len: the span of text keys (joint attention), kept by every group when
             configured.
+        after: an ``mlp_select`` output that must run before this op (unused: the dependency orders them).
 
     Returns:
         (B, H, S, Dv), laid out in memory as (B, S, H, Dv).
@@ -80,7 +87,7 @@ def attention(
 
 
 @torch.library.register_fake("chipmunk::attention")
-def _attention_fake(q, k, v, attn_mask, site_key, site_uid, scale, enable_gqa, text_start, text_len):
+def _attention_fake(q, k, v, attn_mask, site_key, site_uid, scale, enable_gqa, text_start, text_len, after=None):
     b, h, s, _ = q.shape
     return q.new_empty((b, s, h, v.shape[-1])).permute(0, 2, 1, 3)
 
@@ -96,6 +103,7 @@ def mlp(
     gated: bool,
     w2_offset: int,
     w2_width: int,
+    selection: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(x·W1ᵀ + b1) · W2[:, off:off+width]ᵀ + b2`` with cached column-sparse deltas.
 
@@ -104,6 +112,8 @@ def mlp(
         b1: (F,) / (2F,) or None. w2: (Dout, W) of which columns [w2_offset, w2_offset + w2_width)
             (width F) multiply the activation (the rest belong to another input of a fused linear).
         b2: (Dout,) or None. activation: "gelu_tanh", "gelu" or "silu".
+        selection: the output of this site's ``mlp_select`` when the graph launches its selection ahead
+            (its value is unused: it orders the two ops), else None.
 
     Returns:
         (..., Dout), contiguous.
@@ -122,12 +132,40 @@ def mlp(
 
 
 @torch.library.register_fake("chipmunk::mlp")
-def _mlp_fake(x, w1, b1, w2, b2, site_uid, activation, gated, w2_offset, w2_width):
+def _mlp_fake(x, w1, b1, w2, b2, site_uid, activation, gated, w2_offset, w2_width, selection=None):
     return x.new_empty((*x.shape[:-1], w2.shape[0]))
+
+
+def mlp_select(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    """Launch the unit selection of the MLP site with first weight ``w1`` now, if its coming call selects.
+
+    Placed by the pass where ``x`` is ready, with its output passed to an attention op that runs before the
+    site's ``mlp`` call (``after``) and to that call (``selection``): Inductor's scheduler keeps data
+    dependencies, not graph order. On CUDA the selection runs on a side stream, overlapping the attention, and
+    the ``mlp`` call waits for it; elsewhere it runs here.
+
+    Args:
+        x: (..., Din), the MLP's input. w1: (F or 2F, Din). b1: (F or 2F,) or None.
+
+    Returns:
+        An empty (0,) tensor on x's device (an ordering token).
+    """
+    ctx = active_context()
+    if ctx is not None:
+        site = ctx.state.peek_site("mlp", w1, ctx.info)
+        if site is not None:
+            sparse_mlp.select_ahead(ctx, site, x, w1, b1, gated)
+    return x.new_empty((0,))
+
+
+@torch.library.register_fake("chipmunk::mlp_select")
+def _mlp_select_fake(x, w1, b1, gated):
+    return x.new_empty((0,))
 
 
 _LIB.impl("attention", attention, "CompositeExplicitAutograd")
 _LIB.impl("mlp", mlp, "CompositeExplicitAutograd")
+_LIB.impl("mlp_select", mlp_select, "CompositeExplicitAutograd")
 
 
 @register_flop_formula(torch.ops.chipmunk.attention, get_raw=True)
@@ -141,7 +179,7 @@ def _attention_flops(q, k, v, *args, out_val=None, **kwargs) -> int:
 
 @register_flop_formula(torch.ops.chipmunk.mlp, get_raw=True)
 def _mlp_flops(x, w1, b1, w2, b2, site_uid, activation, gated, w2_offset, w2_width, *args, out_val=None,
-               **kwargs) -> int:
+               **kwargs) -> int:  # a selection made ahead is counted here too (the site's stats record it)
     last = _LAST_STATS.get()
     if last is not None:
         return last.last_flops

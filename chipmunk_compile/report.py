@@ -23,6 +23,7 @@ class SiteReport:
     variant: str = ""
     kept_fraction: float | None = None
     selections: int = 0
+    selections_ahead: int = 0
     calls: int = 0
     dense_calls: int = 0
     sparse_calls: int = 0
@@ -60,7 +61,8 @@ class Report:
                 detail = (detail + f" [{s.backend}]").strip()
             if s.cache_location == "cpu (pinned)":
                 detail += " [cache in pinned CPU memory]"
-            rows.append((s.kind, s.status, s.name, kept, calls, str(s.selections or ""), err, detail))
+            sel = str(s.selections or "") + (f" ({s.selections_ahead} ahead)" if s.selections_ahead else "")
+            rows.append((s.kind, s.status, s.name, kept, calls, sel, err, detail))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
         n_rw = sum(s.status == "rewritten" for s in self.sites)
@@ -127,7 +129,7 @@ def _rows(state: ModelState, names: dict[int, str]) -> list[SiteReport]:
                     found.append(prefix)
         st = site.stats
         row.kept_fraction = st.kept_fraction
-        row.selections, row.calls = st.selections, st.calls
+        row.selections, row.selections_ahead, row.calls = st.selections, st.selections_ahead, st.calls
         row.dense_calls, row.sparse_calls = st.dense_calls, st.sparse_calls
         row.last_phase, row.backend, row.errors = st.last_phase, st.backend, list(st.errors)
         row.cache_location = st.cache_location

@@ -52,6 +52,24 @@ class MlpCache:
     selected_at: int = -1
 
 
+@dataclass
+class PendingSelection:
+    """A selection launched ahead of its site's call by :func:`select_ahead`.
+
+    call: (generation, step) it was made for; entry: the cache whose reference it refreshed; indices:
+    (B, nb, k) int32; flops: its matmul's FLOPs; ready: the event the call waits for (CUDA; None when it ran
+    synchronously); keep: the tensors the side stream reads or writes, held until that wait so that their
+    memory goes to no other work while it runs.
+    """
+
+    call: tuple[int, int]
+    entry: MlpCache
+    indices: torch.Tensor
+    flops: int
+    ready: torch.cuda.Event | None
+    keep: tuple
+
+
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "gelu_tanh":
         return F.gelu(h, approximate="tanh")
@@ -178,6 +196,80 @@ def padded_budget(keep: float, random_keep: float, f: int, multiple: int) -> tup
     return k_top, n_rand
 
 
+def _selection_due(cfg: MlpConfig, entry: MlpCache, step: int) -> bool:
+    """Whether a sparse call at ``step`` chooses its units anew (else it reuses ``entry.indices``)."""
+    return entry.indices is None or step - entry.selected_at >= cfg.selection_every
+
+
+def _select(
+    ctx: CallContext, site: SiteState, entry: MlpCache, x3: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+    gated: bool, f: int,
+) -> tuple[torch.Tensor, int]:
+    """Choose the units of a selection step from x3 (B, S, Din) and refresh ``entry.block_mean`` at them;
+    returns ((B, nb, k) int32 indices, the FLOPs of the block-mean linear)."""
+    cfg: MlpConfig = ctx.state.config.mlp
+    k_top, n_rand = padded_budget(cfg.keep, cfg.random_keep, f, mlp_kernels.unit_multiple(gated, x3.dtype))
+    # (B, nb, F or 2F) in x's dtype; the fused selection reads it as is, the PyTorch path widens it
+    bm = F.linear(block_means(x3, cfg.block, x3.dtype), w1, b1)
+    seed = ctx.state.next_seed()
+    # refresh the reference block means of the chosen units only (unchosen ones keep drifting)
+    idx = _select_units_fused(site, bm, entry.block_mean, gated, k_top, n_rand, seed)
+    if idx is None:
+        bm = bm.float()
+        diff = torch.sub(bm, entry.block_mean).abs_()
+        if gated:
+            diff = diff[..., :f] + diff[..., f:]
+        idx = _select_units(site, diff, k_top, n_rand, seed)
+        ref_idx = torch.cat([idx, idx + f], dim=-1).long() if gated else idx.long()
+        entry.block_mean.scatter_(-1, ref_idx, bm.gather(-1, ref_idx))
+    return idx, 2 * x3.shape[0] * bm.shape[1] * x3.shape[2] * w1.shape[0]
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    """x (..., C) as (B, S, C): a 2-D input is one sample."""
+    return x.reshape(x.shape[0] if x.dim() >= 3 else 1, -1, x.shape[-1])
+
+
+def select_ahead(
+    ctx: CallContext, site: SiteState, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, gated: bool
+) -> None:
+    """``torch.ops.chipmunk.mlp_select``: if this forward's call of ``site`` will choose its units, choose
+    them now from its input x (..., Din), before the other work that the graph runs until that call.
+
+    On CUDA the selection runs on the model's selection stream, after the work enqueued so far; the call
+    waits for it (:func:`run_mlp`). It is the selection the call would make itself (the same seed, kernel and
+    reference), so the result does not change, only when the work runs. Anything the call would not select
+    for (a dense step, a cache it will remake) is left to the call.
+    """
+    cfg: MlpConfig = ctx.state.config.mlp
+    info = ctx.info
+    x3 = _as_3d(x)
+    entry: MlpCache | None = site.cache(info.stream, info.generation)
+    gate = 2 if gated else 1
+    f = w1.shape[0] // gate
+    if (entry is None or site.ordinal < cfg.first_dense_layers or cfg.is_plain_dense_step(info.step, info.last)
+            or cfg.is_dense_step(info.step) or not _selection_due(cfg, entry, info.step)
+            or entry.act.shape != (x3.shape[0], f, x3.shape[1]) or entry.block_mean.shape[-1] != gate * f):
+        return
+    stale = site.pending.pop(info.stream, None)  # a call that never came (an exception in between)
+    if stale is not None and stale.ready is not None:
+        torch.cuda.current_stream(x3.device).wait_event(stale.ready)
+    if not x3.is_cuda:
+        idx, flops = _select(ctx, site, entry, x3, w1, b1, gated, f)
+        site.pending[info.stream] = PendingSelection((info.generation, info.step), entry, idx, flops, None, ())
+        return
+    side = ctx.state.selection_stream(x3.device)
+    side.wait_stream(torch.cuda.current_stream(x3.device))
+    with torch.cuda.stream(side):
+        idx, flops = _select(ctx, site, entry, x3, w1, b1, gated, f)
+        ready = torch.cuda.Event()
+        ready.record(side)
+    # x3 and the reference are made and later reused by the main stream: held until the call's wait. Tensors
+    # made here belong to the side stream, which only runs after a wait for the main stream's work so far.
+    keep = (x3, entry.block_mean)
+    site.pending[info.stream] = PendingSelection((info.generation, info.step), entry, idx, flops, ready, keep)
+
+
 def mlp_flops(m: int, din: int, f: int, dout: int, gated: bool) -> int:
     return 2 * m * din * f * (2 if gated else 1) + 2 * m * f * dout
 
@@ -207,7 +299,7 @@ def run_mlp(
     cfg: MlpConfig = ctx.state.config.mlp
     info = ctx.info
     lead = x.shape[:-1]
-    x3 = x.reshape(x.shape[0] if x.dim() >= 3 else 1, -1, x.shape[-1])
+    x3 = _as_3d(x)
     bsz, s, din = x3.shape
     # the key is w1: a change of w2 alone must drop the caches and the w2t copy too
     site.watch("w2", w2, info.generation, ctx.state.deferred)
@@ -230,6 +322,9 @@ def run_mlp(
     entry: MlpCache | None = site.cache(info.stream, info.generation)
     if entry is not None and entry.out.shape != (bsz, s, dout):
         entry = None
+    pending: PendingSelection | None = site.pending.pop(info.stream, None)
+    if pending is not None and pending.ready is not None:
+        torch.cuda.current_stream(x3.device).wait_event(pending.ready)  # used or not: its tensors are free after
     first_layers = site.ordinal < cfg.first_dense_layers
     plain = cfg.is_plain_dense_step(info.step, info.last)  # the next step caches, or nothing follows
     if first_layers or plain or entry is None or cfg.is_dense_step(info.step):
@@ -248,25 +343,15 @@ def run_mlp(
                      kept_static=1.0)
         return out.reshape(*lead, dout)
 
-    k_top, n_rand = padded_budget(cfg.keep, cfg.random_keep, f, mlp_kernels.unit_multiple(gated, x3.dtype))
     sel_flops = 0
-    if entry.indices is None or info.step - entry.selected_at >= cfg.selection_every:
-        # (B, nb, F or 2F) in x's dtype; the fused selection reads it as is, the PyTorch path widens it
-        bm = F.linear(block_means(x3, cfg.block, x3.dtype), w1, b1)
-        seed = ctx.state.next_seed()
-        # refresh the reference block means of the chosen units only (unchosen ones keep drifting)
-        idx = _select_units_fused(site, bm, entry.block_mean, gated, k_top, n_rand, seed)
-        if idx is None:
-            bm = bm.float()
-            diff = torch.sub(bm, entry.block_mean).abs_()
-            if gated:
-                diff = diff[..., :f] + diff[..., f:]
-            idx = _select_units(site, diff, k_top, n_rand, seed)
-            ref_idx = torch.cat([idx, idx + f], dim=-1).long() if gated else idx.long()
-            entry.block_mean.scatter_(-1, ref_idx, bm.gather(-1, ref_idx))
+    if _selection_due(cfg, entry, info.step):
+        if pending is not None and pending.entry is entry and pending.call == (info.generation, info.step):
+            idx, sel_flops = pending.indices, pending.flops
+            stats.selections_ahead += 1
+        else:
+            idx, sel_flops = _select(ctx, site, entry, x3, w1, b1, gated, f)
         entry.indices, entry.selected_at = idx, info.step
         stats.selections += 1
-        sel_flops = 2 * bsz * bm.shape[1] * din * w1.shape[0]
     if triton:
         # The kernel gathers rows of W2ᵀ: keep one contiguous transposed copy of the activation's columns
         # per site (made once; a strided view of W2 makes the gather uncoalesced and the sparse step slower

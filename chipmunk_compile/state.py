@@ -140,6 +140,7 @@ class SiteStats:
     dense_calls: int = 0
     sparse_calls: int = 0
     selections: int = 0
+    selections_ahead: int = 0  # of them, made by a selection launched ahead of the call (mlp_select)
     last_phase: str = ""
     dense_flops: int = 0
     errors: list[tuple[int, float]] = field(default_factory=list)
@@ -193,6 +194,8 @@ class SiteState:
         self.launch_checks: dict[tuple, list] = {}
         self.selection_kernel_error: str | None = None  # set when the Triton selection failed here
         self.dense_kernel_error: str | None = None  # set when the dense-step MLP kernel failed here
+        # stream -> a selection launched ahead of this site's call (MLP early selection, see sparse_mlp)
+        self.pending: dict[int, Any] = {}
         self.stats = SiteStats()
 
     @property
@@ -328,6 +331,7 @@ class ModelState:
         self._last_use: dict[tuple, tuple[tuple[int, int, int], int]] = {}  # ident -> (last call, repeat)
         self._ordinals: dict[str, int] = {"attention": 0, "mlp": 0}
         self.offloader: Any = None
+        self._selection_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.offload_active = config.offload == "always"
         # views of weight samples, once per generation, read and compared in one batch (SiteState.watch)
         self.deferred: list[tuple[SiteState, str, torch.Tensor, torch.Tensor]] = []
@@ -347,6 +351,26 @@ class ModelState:
     def add_plan(self, plan: Any) -> None:
         if all(p is not plan for p in self.plans):
             self.plans.append(plan)
+
+    def peek_site(self, kind: str, key: torch.Tensor, info: StepInfo) -> SiteState | None:
+        """The existing site that the next :meth:`site` call for ``key`` in ``info``'s call would return, without
+        counting a use (an op that runs ahead of the site's own call, in the same forward); None if there is none
+        yet or the id now names another tensor."""
+        ident: tuple = (kind, id(key))
+        last, repeat = self._last_use.get(ident, (None, 0))
+        if last == (info.generation, info.step, info.stream):
+            ident = (*ident, repeat + 1)
+        site = self._sites.get(ident)
+        return site if site is not None and site.key is key else None
+
+    def selection_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The model's side stream on ``device`` for selections launched ahead (high priority: its few
+        latency-bound programs take the first free multiprocessors instead of queueing behind a GEMM's)."""
+        stream = self._selection_streams.get(device)
+        if stream is None:
+            # a large negative priority maps to the device's highest
+            stream = self._selection_streams[device] = torch.cuda.Stream(device, priority=-100)
+        return stream
 
     def site(self, kind: str, uid: int, key: torch.Tensor | None, info: StepInfo | None = None) -> SiteState:
         """The state of the site with weight ``key`` (or, without a weight, graph position ``uid``).

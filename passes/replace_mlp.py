@@ -9,6 +9,13 @@ Starting at each activation node, recognised forms (torch IR, as Dynamo records 
 
 An intermediate with another user (the pre-activation, the activation) keeps the MLP dense, with the
 reason recorded.
+
+Early selection (``mlp.early_selection``): when a rewritten attention runs between the first linear and the
+consumer in graph order and does not depend on the MLP (single-stream blocks: the attention branch),
+``chipmunk.mlp_select(x, ...)`` goes where the first linear was, and its output into that attention op
+(``after``) and into the MLP op: a selection step's unit selection then overlaps the attention. Inductor's
+scheduler orders nodes by their data dependencies (graph order alone did not keep the selection ahead of the
+attention), hence the token into the attention. The MLP op stays where the consumer was.
 """
 
 from __future__ import annotations
@@ -171,8 +178,12 @@ def _is_conditioning(name: str) -> bool:
     return any(w in name for w in ("encoder", "context", "caption", "text", "prompt"))
 
 
-def replace_mlp(gm: fx.GraphModule, cfg: MlpConfig, plan: Plan) -> int:
-    """Rewrite every recognised MLP; record every activation candidate in ``plan``."""
+def replace_mlp(gm: fx.GraphModule, cfg: MlpConfig, plan: Plan, early_selection: bool | None = None) -> int:
+    """Rewrite every recognised MLP; record every activation candidate in ``plan``.
+
+    ``early_selection``: whether to place selections ahead where other work follows (None: from ``cfg``).
+    """
+    early = cfg.early_selection if early_selection is None else early_selection
     n = 0
     erased: set[fx.Node] = set()
     deps = input_dependencies(gm)  # before any rewrite: the matched nodes are the original ones
@@ -215,7 +226,11 @@ def replace_mlp(gm: fx.GraphModule, cfg: MlpConfig, plan: Plan) -> int:
             record.reason = f"{tokens} tokens < mlp.min_tokens={cfg.min_tokens} (too few to gain from sparsity)"
             counters["chipmunk"]["mlp_dense"] += 1
             continue
-        erased |= _rewrite(gm, m, record.uid, f)
+        ahead = _attention_between(m) if early else None
+        erased |= _rewrite(gm, m, record.uid, f, ahead)
+        if ahead is not None:
+            record.variant += ", selection ahead"
+            counters["chipmunk"]["mlp_select_ahead"] += 1
         record.status = "rewritten"
         counters["chipmunk"]["mlp_rewritten"] += 1
         n += 1
@@ -271,15 +286,44 @@ def _is_mlp_like(act: fx.Node) -> bool:
     return _first_linear(arg(act, 0, "input")) is not None
 
 
-def _rewrite(gm: fx.GraphModule, m: _Match, uid: int, f: int) -> set[fx.Node]:
+def _attention_between(m: _Match) -> fx.Node | None:
+    """The first ``chipmunk.attention`` node between the MLP's first linear and its consumer in graph order
+    that no MLP node feeds (taking the selection's token adds no cycle), without a token yet; or None."""
+    own = {n for n in (m.fc1, m.act, m.out, m.cat, *m.chain) if n is not None}
+    node = m.fc1.next
+    while node is not m.consumer and node.op != "output":
+        if node.target is torch.ops.chipmunk.attention.default and node.kwargs.get("after") is None:
+            if not (_ancestors(node) & own):
+                return node
+        node = node.next
+    return None
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return seen
+
+
+def _rewrite(gm: fx.GraphModule, m: _Match, uid: int, f: int, ahead: fx.Node | None) -> set[fx.Node]:
     g = gm.graph
     w1, b1 = arg(m.fc1, 1, "weight"), arg(m.fc1, 2, "bias")
     lin = m.consumer
     w2, b2 = arg(lin, 1, "weight"), arg(lin, 2, "bias")
+    select = None
+    if ahead is not None:
+        with g.inserting_before(m.fc1):
+            select = g.call_function(torch.ops.chipmunk.mlp_select.default, (m.x, w1, b1, m.gated))
+        ahead.kwargs = {**ahead.kwargs, "after": select}
     with g.inserting_before(lin):
         if m.cat is None:
             new = g.call_function(
-                torch.ops.chipmunk.mlp.default, (m.x, w1, b1, w2, b2, uid, m.activation, m.gated, 0, f)
+                torch.ops.chipmunk.mlp.default, (m.x, w1, b1, w2, b2, uid, m.activation, m.gated, 0, f, select)
             )
         else:
             parts = list(arg(m.cat, 0, "tensors"))
@@ -289,7 +333,8 @@ def _rewrite(gm: fx.GraphModule, m: _Match, uid: int, f: int) -> set[fx.Node]:
             w2_other = g.call_function(torch.narrow, (w2, 1, off_other, width_other))
             part = g.call_function(torch._C._nn.linear, (other, w2_other, b2))
             delta = g.call_function(
-                torch.ops.chipmunk.mlp.default, (m.x, w1, b1, w2, None, uid, m.activation, m.gated, off_act, f)
+                torch.ops.chipmunk.mlp.default,
+                (m.x, w1, b1, w2, None, uid, m.activation, m.gated, off_act, f, select),
             )
             new = g.call_function(operator.add, (part, delta))
             part.meta = dict(lin.meta)

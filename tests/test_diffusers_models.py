@@ -154,3 +154,78 @@ def test_single_stream_blocks_keep_the_text_keys_in_a_whole_model_graph():
             for g in range(idx.shape[2]):
                 chosen = set(idx[0, h, g, : counts[0, h, g]].tolist())
                 assert set(range(128, 134)) <= chosen  # the 6 unmasked text keys (2 are padding)
+
+
+def _flux_steps(early: bool, device: str, dtype: torch.dtype, size: int = 16, heads: int = 2, head_dim: int = 16):
+    """Six steps of a tiny FLUX with ``mlp.early_selection`` on or off: (outputs, report, the chipmunk ops in the
+    order Inductor's generated code calls them)."""
+    import re
+
+    from diffusers import FluxTransformer2DModel
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                   attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
+                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval().to(device, dtype)
+    config = CONFIG.with_overrides({"mlp.early_selection": early})
+    compiled = torch.compile(model, backend=chipmunk_compile.backend(config))
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, size, 16, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                  pooled_projections=torch.randn(1, 32, generator=g),
+                  img_ids=torch.randn(size, 3, generator=g), txt_ids=torch.randn(8, 3, generator=g))
+    inputs = {k: v.to(device, dtype) for k, v in inputs.items()}
+    outs, order = [], []
+    with torch.no_grad():
+        for i, t in enumerate((900.0, 800.0, 700.0, 600.0, 500.0, 400.0)):
+            timestep = torch.tensor([t / 1000], device=device, dtype=dtype)
+            if i == 0:
+                out, codes = run_and_get_code(compiled, **inputs, timestep=timestep, return_dict=False)
+                order = re.findall(r"torch\.ops\.chipmunk\.(\w+)\.default\(", codes[0])
+            else:
+                out = compiled(**inputs, timestep=timestep, return_dict=False)
+            outs.append(out[0].clone())
+    return outs, chipmunk_compile.report(compiled), order
+
+
+def _check_selection_ahead(device: str, dtype: torch.dtype, **size):
+    outs, report, order = _flux_steps(True, device, dtype, **size)
+    ref, ref_report, ref_order = _flux_steps(False, device, dtype, **size)
+    # the single-stream blocks' MLPs (both branches read the block's input) select ahead of their attention
+    assert order == ["attention", "mlp", "mlp", "mlp_select", "attention", "mlp", "mlp_select", "attention", "mlp"]
+    assert "mlp_select" not in ref_order
+    mlp = {s.name: s for s in report.by_kind("mlp", "rewritten")}
+    ahead = [s for s in mlp.values() if "selection ahead" in s.variant]
+    assert sorted(s.name for s in ahead) == ["single_transformer_blocks.0.proj_mlp",
+                                             "single_transformer_blocks.1.proj_mlp"], str(report)
+    for s in mlp.values():  # steps 1, 3, 5 select; those ahead made all of them at their mlp_select
+        assert s.selections == 3 and s.selections_ahead == (3 if s in ahead else 0), str(report)
+    assert "(3 ahead)" in str(report)
+    assert not any(s.selections_ahead for s in ref_report.sites)
+    for a, b in zip(outs, ref):  # the same selections (same seeds, kernels, reference), so the same outputs
+        assert torch.equal(a, b)
+
+
+def test_mlp_selection_ahead_of_the_attention_changes_nothing():
+    _check_selection_ahead("cpu", torch.float32)
+
+
+@pytest.mark.gpu
+def test_mlp_selection_ahead_on_a_side_stream_changes_nothing_on_cuda():
+    """On CUDA the selection runs on a side stream while the attention runs; the MLP waits for it."""
+    _check_selection_ahead("cuda", torch.bfloat16, size=512, heads=4, head_dim=64)
+
+
+def test_no_selection_ahead_under_cudagraphs():
+    """Under CUDA graphs every op call splits the graphs: the pass places no selection ahead."""
+    spec = MODELS["flux"]
+    for mode, ahead in ((None, 1), ("reduce-overhead", 0)):
+        torch._dynamo.reset()
+        model = spec.build().eval()
+        compiled = torch.compile(model, backend=chipmunk_compile.backend(CONFIG, mode=mode))
+        with torch.no_grad():
+            compiled(**spec.inputs(torch.tensor([900.0])))
+        rewritten = chipmunk_compile.report(compiled).by_kind("mlp", "rewritten")
+        assert len(rewritten) == 3 and sum("selection ahead" in s.variant for s in rewritten) == ahead
