@@ -151,11 +151,12 @@ def mlp_select(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, gated
         An empty (0,) tensor on x's device (an ordering token).
     """
     ctx = active_context()
-    if ctx is not None:
-        site = ctx.state.peek_site("mlp", w1, ctx.info)
-        if site is not None:
-            sparse_mlp.select_ahead(ctx, site, x, w1, b1, gated)
-    return x.new_empty((0,))
+    if ctx is None:
+        return x.new_empty((0,))
+    site = ctx.state.peek_site("mlp", w1, ctx.info)
+    if site is not None:
+        sparse_mlp.select_ahead(ctx, site, x, w1, b1, gated)
+    return ctx.state.token(x.device)
 
 
 @torch.library.register_fake("chipmunk::mlp_select")

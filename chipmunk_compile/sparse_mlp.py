@@ -243,12 +243,14 @@ def select_ahead(
     """
     cfg: MlpConfig = ctx.state.config.mlp
     info = ctx.info
-    x3 = _as_3d(x)
     entry: MlpCache | None = site.cache(info.stream, info.generation)
+    # cheapest tests first: this runs at every step, and selects at few of them
+    if entry is None or not _selection_due(cfg, entry, info.step) or cfg.is_dense_step(info.step):
+        return
+    x3 = _as_3d(x)
     gate = 2 if gated else 1
     f = w1.shape[0] // gate
-    if (entry is None or site.ordinal < cfg.first_dense_layers or cfg.is_plain_dense_step(info.step, info.last)
-            or cfg.is_dense_step(info.step) or not _selection_due(cfg, entry, info.step)
+    if (site.ordinal < cfg.first_dense_layers or cfg.is_plain_dense_step(info.step, info.last)
             or entry.act.shape != (x3.shape[0], f, x3.shape[1]) or entry.block_mean.shape[-1] != gate * f):
         return
     stale = site.pending.pop(info.stream, None)  # a call that never came (an exception in between)

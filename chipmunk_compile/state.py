@@ -332,6 +332,7 @@ class ModelState:
         self._ordinals: dict[str, int] = {"attention": 0, "mlp": 0}
         self.offloader: Any = None
         self._selection_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._tokens: dict[torch.device, torch.Tensor] = {}
         self.offload_active = config.offload == "always"
         # views of weight samples, once per generation, read and compared in one batch (SiteState.watch)
         self.deferred: list[tuple[SiteState, str, torch.Tensor, torch.Tensor]] = []
@@ -371,6 +372,14 @@ class ModelState:
             # a large negative priority maps to the device's highest
             stream = self._selection_streams[device] = torch.cuda.Stream(device, priority=-100)
         return stream
+
+    def token(self, device: torch.device) -> torch.Tensor:
+        """An empty (0,) tensor on ``device``, made once: what ``mlp_select`` returns (it holds no data, so one
+        tensor serves every call; an allocation per call costs host time at every site and step)."""
+        token = self._tokens.get(device)
+        if token is None:
+            token = self._tokens[device] = torch.empty((0,), device=device)
+        return token
 
     def site(self, kind: str, uid: int, key: torch.Tensor | None, info: StepInfo | None = None) -> SiteState:
         """The state of the site with weight ``key`` (or, without a weight, graph position ``uid``).
