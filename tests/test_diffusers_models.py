@@ -166,9 +166,10 @@ def _flux_steps(early: bool, device: str, dtype: torch.dtype, size: int = 16, he
 
     torch._dynamo.reset()
     torch.manual_seed(0)
+    rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
     model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
                                    attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
-                                   pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)).eval().to(device, dtype)
+                                   pooled_projection_dim=32, axes_dims_rope=rope).eval().to(device, dtype)
     config = CONFIG.with_overrides({"mlp.early_selection": early})
     compiled = torch.compile(model, backend=chipmunk_compile.backend(config))
     g = torch.Generator().manual_seed(1)
