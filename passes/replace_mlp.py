@@ -10,9 +10,9 @@ Starting at each activation node, recognised forms (torch IR, as Dynamo records 
 An intermediate with another user (the pre-activation, the activation) keeps the MLP dense, with the
 reason recorded.
 
-Early selection (``mlp.early_selection``): when a rewritten attention runs between the first linear and the
-consumer in graph order and does not depend on the MLP (single-stream blocks: the attention branch),
-``chipmunk.mlp_select(x, ...)`` goes where the first linear was, and its output into that attention op
+Early selection (``mlp.early_selection``): when a rewritten attention that does not depend on the MLP runs
+between the MLP's input and its consumer in graph order (single-stream blocks: the attention branch),
+``chipmunk.mlp_select(x, ...)`` goes right before that attention, and its output into the attention op
 (``after``) and into the MLP op: a selection step's unit selection then overlaps the attention. Inductor's
 scheduler orders nodes by their data dependencies (graph order alone did not keep the selection ahead of the
 attention), hence the token into the attention. The MLP op stays where the consumer was.
@@ -287,10 +287,10 @@ def _is_mlp_like(act: fx.Node) -> bool:
 
 
 def _attention_between(m: _Match) -> fx.Node | None:
-    """The first ``chipmunk.attention`` node between the MLP's first linear and its consumer in graph order
-    that no MLP node feeds (taking the selection's token adds no cycle), without a token yet; or None."""
+    """The first ``chipmunk.attention`` node between the MLP's input and its consumer in graph order that no
+    MLP node feeds (taking the selection's token adds no cycle), without a token yet; or None."""
     own = {n for n in (m.fc1, m.act, m.out, m.cat, *m.chain) if n is not None}
-    node = m.fc1.next
+    node = m.x.next if isinstance(m.x, fx.Node) else m.fc1.next
     while node is not m.consumer and node.op != "output":
         if node.target is torch.ops.chipmunk.attention.default and node.kwargs.get("after") is None:
             if not (_ancestors(node) & own):
@@ -317,7 +317,7 @@ def _rewrite(gm: fx.GraphModule, m: _Match, uid: int, f: int, ahead: fx.Node | N
     w2, b2 = arg(lin, 1, "weight"), arg(lin, 2, "bias")
     select = None
     if ahead is not None:
-        with g.inserting_before(m.fc1):
+        with g.inserting_before(ahead):
             select = g.call_function(torch.ops.chipmunk.mlp_select.default, (m.x, w1, b1, m.gated))
         ahead.kwargs = {**ahead.kwargs, "after": select}
     with g.inserting_before(lin):

@@ -245,10 +245,12 @@ def test_concat_single_stream_mlp_splits_the_output_weight():
     report = _compile_and_report(Single(), torch.randn(1, 12, 32))
     site = _only(report, "mlp")
     assert site.status == "rewritten" and "concat" in site.variant
+    # the attention branch comes first here, before the MLP's first linear: still after its input
+    assert "selection ahead" in site.variant
     assert _only(report, "attention").status == "rewritten"
 
 
-def test_opcheck_both_ops():
+def test_opcheck_the_ops():
     q = torch.randn(2, 2, 9, 8).transpose(1, 2).contiguous().transpose(1, 2)
     k, v = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
     mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
@@ -257,6 +259,13 @@ def test_opcheck_both_ops():
     w2, b2 = torch.randn(4, 14), torch.randn(4)
     torch.library.opcheck(torch.ops.chipmunk.mlp.default, (x, w1, b1, w2, b2, 2, "gelu", False, 2, 12))
     torch.library.opcheck(torch.ops.chipmunk.mlp.default, (x, w1, None, w2, None, 3, "silu", True, 0, 6))
+    # the selection launched ahead, and its token in the attention and MLP ops that it orders
+    token = torch.ops.chipmunk.mlp_select.default(x, w1, b1, False)
+    assert token.shape == (0,)
+    torch.library.opcheck(torch.ops.chipmunk.mlp_select.default, (x, w1, b1, False))
+    torch.library.opcheck(torch.ops.chipmunk.attention.default, (q, k, v, mask, None, 1, None, False, 0, 0),
+                          {"after": token})
+    torch.library.opcheck(torch.ops.chipmunk.mlp.default, (x, w1, b1, w2, b2, 2, "gelu", False, 2, 12, token))
 
 
 def test_float64_model_stays_dense_with_reason():
