@@ -97,10 +97,10 @@ class MlpConfig(ScheduleFields):
     kernels too few row tiles to fill the GPU, so they save no time while the site still pays its launches
     and selections (FLUX's 512-token text MLPs; the original method leaves them dense too).
 
-    ``early_selection``: where other work (an attention branch, a linear) runs between the point where an MLP's
-    input is ready and its own call (FLUX's and HunyuanVideo's single-stream blocks: the MLP and attention
-    branches share one input), the unit selection of a selection step is launched at that point, on a side
-    stream, and overlaps that work; the MLP waits for it. The same selection, bit for bit. Off under
+    ``early_selection``: where an attention that does not depend on an MLP runs between the point where the
+    MLP's input is ready and the MLP's own call (FLUX's and HunyuanVideo's single-stream blocks: the MLP and
+    attention branches share one input), a selection step's unit selection is launched before that attention,
+    on a side stream, and overlaps it; the MLP waits for it. The same selection, bit for bit. Off under
     ``mode="reduce-overhead"`` (every op call outside the CUDA graphs splits them).
     """
 
