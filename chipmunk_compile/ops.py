@@ -37,8 +37,9 @@ _LIB.define(
     "int w2_offset, int w2_width, Tensor? selection=None) -> Tensor",
     tags=_TAGS,
 )
-# Seeded: it draws the selection's random seed (its order among the model's draws matters), and Inductor keeps
-# such ops where the graph puts them; otherwise its locality pass moves an op next to its only consumer.
+# Seeded: it draws the selection's random seed, so its order among the model's draws matters (Inductor neither
+# merges nor moves such ops in its FX passes). What keeps it ahead of the attention is its output, passed to that
+# op: Inductor's scheduler orders by data dependencies, and without one it ran the op next to its MLP.
 _LIB.define("mlp_select(Tensor x, Tensor w1, Tensor? b1, bool gated) -> Tensor",
             tags=(*_TAGS, torch._C.Tag.nondeterministic_seeded))
 # The stats of the op call that just ran, read by the FLOP formulas (FlopCounterMode calls them right
@@ -139,9 +140,9 @@ def _mlp_fake(x, w1, b1, w2, b2, site_uid, activation, gated, w2_offset, w2_widt
 def mlp_select(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, gated: bool) -> torch.Tensor:
     """Launch the unit selection of the MLP site with first weight ``w1`` now, if its coming call selects.
 
-    Placed by the pass where ``x`` is ready, with its output passed to an attention op that runs before the
-    site's ``mlp`` call (``after``) and to that call (``selection``): Inductor's scheduler keeps data
-    dependencies, not graph order. On CUDA the selection runs on a side stream, overlapping the attention, and
+    Placed by the pass right before an attention op that runs between ``x`` and the site's ``mlp`` call, with
+    its output passed to that attention (``after``) and to the call (``selection``): Inductor's scheduler keeps
+    data dependencies, not graph order. On CUDA the selection runs on a side stream, overlapping the attention, and
     the ``mlp`` call waits for it; elsewhere it runs here.
 
     Args:
