@@ -250,6 +250,37 @@ def test_concat_single_stream_mlp_splits_the_output_weight():
     assert _only(report, "attention").status == "rewritten"
 
 
+def test_gated_mlp_selection_ahead_of_a_parallel_attention_changes_nothing():
+    """A parallel block (attention and a GEGLU MLP on one normed input, their outputs added): the MLP's
+    selection goes ahead of the attention, and six steps give the same outputs as with it off, bit for bit."""
+
+    class Parallel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.attn, self.mlp = nn.LayerNorm(32), Attn(), Mlp(mode="geglu")
+
+        def forward(self, x):
+            h = self.norm(x)
+            return x + self.attn(h) + self.mlp(h)
+
+    torch.manual_seed(0)
+    block = Parallel().eval()
+    xs = [torch.randn(1, 256, 32) for _ in range(6)]
+    runs = {}
+    for early in (False, True):
+        torch._dynamo.reset()
+        options = {"mlp.first_dense_layers": 0, "attention.first_dense_layers": 0, "mlp.early_selection": early}
+        compiled = torch.compile(block, backend="chipmunk", fullgraph=True, options=options)
+        with torch.no_grad():
+            runs[early] = ([compiled(x) for x in xs], chipmunk_compile.report(compiled))
+    site = _only(runs[True][1], "mlp")
+    assert "gated" in site.variant and "selection ahead" in site.variant, str(runs[True][1])
+    assert site.selections == 3 and site.selections_ahead == 3  # steps 1, 3, 5 (every 2nd sparse step)
+    assert _only(runs[False][1], "mlp").selections_ahead == 0
+    for a, b in zip(*(runs[e][0] for e in (False, True))):
+        assert torch.equal(a, b)
+
+
 def test_opcheck_the_ops():
     q = torch.randn(2, 2, 9, 8).transpose(1, 2).contiguous().transpose(1, 2)
     k, v = torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
