@@ -20,6 +20,7 @@ import datetime
 import functools
 import gc
 import json
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -346,7 +347,29 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, torch.Tensor, str]:
+def parse_backend(entry: str) -> tuple[str, tuple[tuple[str, object], ...]]:
+    """``inductor``, ``chipmunk`` or ``chipmunk[KEY=JSON;KEY=JSON]`` (a chipmunk variant: overrides on top of
+    ``--set``) -> (backend, extra overrides). Variants let one process time A/B/A/B runs on one GPU."""
+    m = re.fullmatch(r"(inductor|chipmunk)(?:\[(.+)\])?", entry)
+    if m is None or (m.group(2) and m.group(1) != "chipmunk"):
+        raise SystemExit(f"--backends: {entry!r} is not inductor, chipmunk or chipmunk[KEY=VALUE;...]")
+    extra = tuple((k, json.loads(v)) for k, v in (s.split("=", 1) for s in (m.group(2) or "").split(";") if s))
+    return m.group(1), extra
+
+
+def labels(entries: tuple[str, ...]) -> list[str]:
+    """Result names for ``--backends`` entries: each entry, with ``#2``, ``#3``... on repeats."""
+    seen: dict[str, int] = {}
+    out = []
+    for e in entries:
+        seen[e] = seen.get(e, 0) + 1
+        out.append(e if seen[e] == 1 else f"{e}#{seen[e]}")
+    return out
+
+
+def run_backend(name: str, cfg: E2EConfig, device, dtype, label: str = "") -> tuple[E2EResult, torch.Tensor, str]:
+    """One backend (a ``--backends`` entry) through warm-up, timed generations and profiles; ``label`` names
+    its profile files (default: the backend)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -361,13 +384,16 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
             print(f"warning: {resident:.1f} GB of GPU memory still allocated before {name} starts; its peak "
                   "includes it", flush=True)
     model, shape, call = BUILDERS[cfg.model](cfg, device, dtype)
+    name, extra = parse_backend(name)
+    tag = re.sub(r"[^\w.=-]+", "_", label or name).strip("_")
     backend: object = name
     kwargs: dict = {"mode": cfg.mode} if cfg.mode else {}
     if name == "chipmunk":
         import chipmunk_compile
 
         # torch.compile refuses mode= together with options=: bind both through the typed backend.
-        config, _ = chipmunk_compile.ChipmunkConfig.from_options({"preset": cfg.preset, **dict(cfg.overrides)})
+        options = {"preset": cfg.preset, **dict(cfg.overrides), **dict(extra)}
+        config, _ = chipmunk_compile.ChipmunkConfig.from_options(options)
         backend, kwargs = chipmunk_compile.backend(config, mode=cfg.mode or None), {}
     if cfg.regional:
         model.compile_repeated_blocks(backend=backend, **kwargs)
@@ -403,7 +429,7 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype) -> tuple[E2EResult, to
         for step in cfg.profile_steps:  # FLUX: 2 reuses the MLP selection, 3 reselects
             for how in ("host", "python", "torch"):
                 generate(compiled, call, shape, cfg.steps, device, dtype, max_steps=step + 1, graphs=graphs,
-                         profile=(step, f"{cfg.profile_dir}/profile_{cfg.model}_{name}_step{step}", how))
+                         profile=(step, f"{cfg.profile_dir}/profile_{cfg.model}_{tag}_step{step}", how))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     sec = statistics.median(times)
     if limit:  # only the first steps ran: predict the whole schedule from the time of each step kind
@@ -442,7 +468,9 @@ def main(argv=None) -> None:
     p.add_argument("--mode", default="", help="torch.compile mode for both sides, e.g. reduce-overhead")
     p.add_argument("--profile", action="store_true", help="profile the --profile-steps (host, Python, CUDA) into --out")
     p.add_argument("--profile-steps", default="2,3", help="comma list of steps to profile")
-    p.add_argument("--backends", default="inductor,chipmunk", help="comma list; speedups need both")
+    p.add_argument("--backends", default="inductor,chipmunk",
+                   help="comma list of inductor, chipmunk, chipmunk[KEY=JSON;...] (a variant; repeats allowed, "
+                        "e.g. A/B/A/B in one process); speedups need inductor")
     args = p.parse_args(argv)
     overrides = tuple((k, json.loads(v)) for k, v in (s.split("=", 1) for s in args.set))
     height = args.height or (768 if args.model == "flux" else 720)
@@ -455,8 +483,11 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results, outs, report = {}, {}, ""
-    for name in cfg.backends:
-        res, out, rep = run_backend(name, cfg, device, dtype)
+    for entry in cfg.backends:
+        parse_backend(entry)  # a bad entry fails here, before any model is built
+    for entry, name in zip(cfg.backends, labels(cfg.backends)):
+        res, out, rep = run_backend(entry, cfg, device, dtype, label=name)
+        res.backend = name
         results[name], outs[name] = res, out
         report = rep or report
         print(f"{name}: {res.seconds_per_generation:.3f} s/gen, first {res.first_generation_s:.1f} s, "
@@ -483,9 +514,10 @@ def main(argv=None) -> None:
                         "rel_l2_vs_inductor", "step_ms_median_dense_steps", "step_ms_median_all",
                         "predicted_from_steps"])
         for name, r in results.items():
+            kind, extra = parse_backend(name.split("#")[0])
             w.writerow([card, torch.__version__, triton_version(), git_sha(), date, cfg.model, cfg.size,
                         cfg.height, cfg.width, cfg.frames if cfg.model != "flux" else "", cfg.steps,
-                        cfg.regional, cfg.preset if name == "chipmunk" else "", dict(cfg.overrides),
+                        cfg.regional, cfg.preset if kind == "chipmunk" else "", dict(cfg.overrides + extra),
                         cfg.mode or "default", name,
                         f"{r.seconds_per_generation:.4f}",
                         f"{base / r.seconds_per_generation:.3f}" if base else "",

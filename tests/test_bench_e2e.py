@@ -54,3 +54,19 @@ def test_prediction_matches_a_measured_hunyuan_loop():
     kinds = step_kinds(ChipmunkConfig.from_name("hunyuan"), len(steps))
     predicted = predict_total_ms(steps[:3], kinds)
     assert predicted == pytest.approx(sum(steps), rel=0.02)
+
+
+def test_backend_variants_parse_and_repeat():
+    """``--backends`` takes chipmunk variants (overrides on top of ``--set``) and repeats, for A/B/A/B runs in
+    one process; anything else is refused before a model is built."""
+    from bench_e2e import labels, parse_backend
+
+    assert parse_backend("inductor") == ("inductor", ())
+    assert parse_backend("chipmunk[mlp.early_selection=false;attention.keep=0.1]") == (
+        "chipmunk", (("mlp.early_selection", False), ("attention.keep", 0.1)))
+    for bad in ("inductor[mlp.keep=0.2]", "eager", "chipmunk[]"):
+        with pytest.raises(SystemExit):
+            parse_backend(bad)
+    entries = ("chipmunk", "chipmunk[mlp.early_selection=false]", "chipmunk", "chipmunk[mlp.early_selection=false]")
+    assert labels(entries) == ["chipmunk", "chipmunk[mlp.early_selection=false]", "chipmunk#2",
+                               "chipmunk[mlp.early_selection=false]#2"]
