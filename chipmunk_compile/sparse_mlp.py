@@ -58,8 +58,8 @@ class PendingSelection:
 
     call: (generation, step) it was made for; entry: the cache whose reference it refreshed; indices:
     (B, nb, k) int32; flops: its matmul's FLOPs; ready: the event the call waits for (CUDA; None when it ran
-    synchronously); keep: the tensors the side stream reads or writes, held until that wait so that their
-    memory goes to no other work while it runs.
+    synchronously); keep: other main-stream tensors the side stream reads, held (with ``entry``) until that
+    wait so that their memory goes to no other work while it runs.
     """
 
     call: tuple[int, int]
@@ -266,10 +266,9 @@ def select_ahead(
         idx, flops = _select(ctx, site, entry, x3, w1, b1, gated, f)
         ready = torch.cuda.Event()
         ready.record(side)
-    # x3 and the reference are made and later reused by the main stream: held until the call's wait. Tensors
-    # made here belong to the side stream, which only runs after a wait for the main stream's work so far.
-    keep = (x3, entry.block_mean)
-    site.pending[info.stream] = PendingSelection((info.generation, info.step), entry, idx, flops, ready, keep)
+    # x3 was made by the main stream: held until the call's wait (the pending entry holds the reference it
+    # writes). Tensors made here belong to the side stream, which only runs after a wait for the main stream.
+    site.pending[info.stream] = PendingSelection((info.generation, info.step), entry, idx, flops, ready, (x3,))
 
 
 def mlp_flops(m: int, din: int, f: int, dout: int, gated: bool) -> int:
