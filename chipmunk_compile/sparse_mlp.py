@@ -159,10 +159,12 @@ def _activation_and_caches(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense step: from the pre-activation h (B, S, F or 2F), the activation a (B, S, F), its unit-major
     cache (B, F, S) and h's block means (B, nb, F or 2F) fp32: one Triton pass on CUDA (the transposing copy
-    alone is slow in ATen), else PyTorch. A failing kernel is logged once; the site then uses PyTorch."""
+    alone is slow in ATen), else PyTorch. A failing kernel is logged once; the site then uses PyTorch.
+    For one sample the kernel writes only the cache and ``a`` is its transposed view (see :func:`_down`)."""
     if triton and site.dense_kernel_error is None and block <= 256 and dense_kernels.supports(h) is None:
         try:
-            return dense_kernels.dense_activation_cache(h, activation=activation, gated=gated, block=block)
+            return dense_kernels.dense_activation_cache(h, activation=activation, gated=gated, block=block,
+                                                        row_major=h.shape[0] != 1)
         except torch.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - Triton compile/launch errors have no common base class
@@ -175,6 +177,17 @@ def _activation_and_caches(
     else:
         a = activate(h, activation)
     return a, a.transpose(1, 2).contiguous(), block_means(h, block)
+
+
+def _down(a: torch.Tensor, w2s: torch.Tensor, b2: torch.Tensor | None) -> torch.Tensor:
+    """The second linear ``a · W2ᵀ (+ b2)``, (B, S, Dout) contiguous, from a (B, S, F) that may be the
+    transposed view of the unit-major cache: for one sample that view is a column-major (S, F) matrix,
+    which addmm takes as it is (F.linear would fold it through matmul and add the bias in another kernel)."""
+    if a.shape[0] == 1 and not a.is_contiguous():
+        a2 = a[0]
+        out = torch.addmm(b2, a2, w2s.t()) if b2 is not None else torch.mm(a2, w2s.t())
+        return out.unsqueeze(0)
+    return F.linear(a, w2s, b2).contiguous()
 
 
 @functools.lru_cache(maxsize=256)
@@ -338,7 +351,7 @@ def run_mlp(
             return out.reshape(*lead, dout)
         h = F.linear(x3, w1, b1)
         a, act_t, means = _activation_and_caches(site, h, activation, gated, cfg.block, triton)
-        out = F.linear(a, w2s, b2).contiguous()
+        out = _down(a, w2s, b2)
         site.caches[info.stream] = MlpCache(generation=info.generation, act=act_t, out=out.clone(), block_mean=means)
         stats.record("dense+cache", fixed_flops=stats.dense_flops, kept_flops=0, counts=None, columns=f,
                      kept_static=1.0)

@@ -15,6 +15,10 @@ tile the transpose). Here one program reads a (BLOCK_S × BLOCK_F) tile of ``h``
 row-major and, transposed through registers, ``act_t``, and reduces the tile's rows into the means of
 its token block (BLOCK_S is the block size, so no atomics).
 
+With ``row_major=False`` the kernel writes only ``act_t`` and returns ``a`` as its transposed view: for one
+sample the caller's second linear reads that view as a column-major operand (cuBLAS takes either layout),
+so the row-major copy, a third of the kernel's memory traffic, is never written.
+
 Rounding: ``act`` in fp32 on the input value, one rounding to the dtype of ``h``, with the activation code
 of the sparse kernels (``column_sparse_mlp._activate``; tanh-GELU as ``x·sigmoid(2z)``, equal to PyTorch's
 ``0.5·x·(1 + tanh(z))`` up to fp32 rounding). (``h`` here is cuBLAS's output rounded to its dtype, while the
@@ -47,7 +51,7 @@ def _dense_cache_kernel(
     h_ptr, a_ptr, at_ptr, mean_ptr,
     S, F_UNITS, NB,
     stride_hb, stride_hs,
-    BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_F: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, WRITE_A: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(0)
     fb = tl.program_id(1)
@@ -69,8 +73,9 @@ def _dense_cache_kernel(
         a = u * _activate(g, ACT)
     else:
         a = _activate(u, ACT)
-    a = a.to(a_ptr.dtype.element_ty)
-    tl.store(a_ptr + b * S * F_UNITS + rows[:, None] * F_UNITS + units[None, :], a, mask=mask)
+    a = a.to(at_ptr.dtype.element_ty)
+    if WRITE_A:
+        tl.store(a_ptr + b * S * F_UNITS + rows[:, None] * F_UNITS + units[None, :], a, mask=mask)
     # act_t is (B, F, S): the transposed tile, contiguous along the rows.
     tl.store(at_ptr + b * F_UNITS * S + units[None, :] * S + rows[:, None], a, mask=mask)
 
@@ -101,17 +106,19 @@ def _check(h: torch.Tensor, activation: str, gated: bool, block: int) -> None:
         raise ValueError(f"dense_activation_cache: gated needs an even C = 2F, got {h.shape[2]}")
 
 
-def _outputs(h: torch.Tensor, gated: bool, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _outputs(
+    h: torch.Tensor, gated: bool, block: int, row_major: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bsz, seq, c = h.shape
     units = c // 2 if gated else c
-    a = torch.empty((bsz, seq, units), dtype=h.dtype, device=h.device)
     act_t = torch.empty((bsz, units, seq), dtype=h.dtype, device=h.device)
+    a = torch.empty((bsz, seq, units), dtype=h.dtype, device=h.device) if row_major else act_t.transpose(1, 2)
     means = torch.empty((bsz, -(-seq // block), c), dtype=torch.float32, device=h.device)
     return a, act_t, means
 
 
 def dense_activation_cache(
-    h: torch.Tensor, *, activation: str, gated: bool, block: int
+    h: torch.Tensor, *, activation: str, gated: bool, block: int, row_major: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The activation, its unit-major cache and the pre-activation's block means, in one launch (Triton).
 
@@ -120,16 +127,19 @@ def dense_activation_cache(
         activation: "gelu_tanh", "gelu" (erf) or "silu".
         gated: ``a = u · act(g)`` instead of ``act(h)``.
         block: tokens per block of the means (the MLP selection block; a power of two from 16 to 256).
+        row_major: also write ``a`` row-major. Off, ``a`` is ``act_t.transpose(1, 2)`` (the same values, no
+            write: a third of the kernel's memory traffic, for a caller whose matmul takes a transposed operand).
 
     Returns:
-        a: (B, S, F) contiguous, h's dtype; act_t: (B, F, S) contiguous, h's dtype (``a`` transposed);
+        a: (B, S, F), h's dtype: contiguous, or a view of act_t when not ``row_major``;
+        act_t: (B, F, S) contiguous, h's dtype (``a`` transposed);
         means: (B, ceil(S / block), C) fp32 (the last block may be short: its own row count).
     """
     _check(h, activation, gated, block)
     reason = supports(h)
     if reason is not None:
         raise ValueError(f"dense_activation_cache: unsupported input: {reason}")
-    sig = (tensor_signature(h), activation, gated, block)
+    sig = (tensor_signature(h), activation, gated, block, row_major)
     plan = _PLANS.get(sig)
     if plan is None:
         if block < 16 or block > 256 or block & (block - 1):
@@ -139,9 +149,10 @@ def dense_activation_cache(
         nb = -(-seq // block)
         grid = (nb, triton.cdiv(units, _BLOCK_F), bsz)
         plan = _PLANS.put(sig, (grid, (seq, units, nb, h.stride(0), h.stride(1)),
-                                dict(BLOCK_S=block, BLOCK_F=_BLOCK_F, ACT=_ACT_CODE[activation], GATED=gated)))
+                                dict(BLOCK_S=block, BLOCK_F=_BLOCK_F, ACT=_ACT_CODE[activation], GATED=gated,
+                                     WRITE_A=row_major)))
     grid, ints, constexprs = plan
-    a, act_t, means = _outputs(h, gated, block)
+    a, act_t, means = _outputs(h, gated, block, row_major)
     if h.shape[0] and h.shape[1] and a.shape[2]:
         _launch(grid, (h, a, act_t, means, *ints), constexprs, signature=sig, num_warps=4)
     return a, act_t, means

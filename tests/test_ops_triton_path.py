@@ -55,16 +55,20 @@ def test_attention_triton_branch_matches_reference(monkeypatch):
     assert site.stats.sparse_calls == 2 and site.stats.backend == "triton"
 
 
-@pytest.mark.parametrize("gated, concat", [(False, True), (True, False)])
-def test_mlp_triton_branch_matches_reference(monkeypatch, gated, concat):
+@pytest.mark.parametrize("gated, concat, bsz, bias", [(False, True, 1, False), (True, False, 1, True),
+                                                      (False, False, 2, True)])
+def test_mlp_triton_branch_matches_reference(monkeypatch, gated, concat, bsz, bias):
+    """Dense, selection and sparse steps; one sample takes the dense step's second linear on the transposed
+    cache (no row-major activation), two samples the row-major path; with and without a second bias."""
     torch.manual_seed(0)
     f, din, dout = 32, 16, 16
     w1 = torch.randn(f * (2 if gated else 1), din) / 4
     b1 = torch.randn(w1.shape[0]) / 4
     width = f + (16 if concat else 0)
     w2, off = torch.randn(dout, width) / 4, (16 if concat else 0)
-    x = torch.randn(1, 70, din)
-    steps = [(x + 0.1 * i * torch.randn_like(x), w1, b1, w2, None, 3, "gelu_tanh", gated, off, f) for i in range(4)]
+    b2 = torch.randn(dout) / 4 if bias else None
+    x = torch.randn(bsz, 70, din)
+    steps = [(x + 0.1 * i * torch.randn_like(x), w1, b1, w2, b2, 3, "gelu_tanh", gated, off, f) for i in range(4)]
     state = _triton_matches_reference(torch.ops.chipmunk.mlp.default, sparse_mlp, steps, monkeypatch)
     (site,) = state.sites
     assert site.stats.sparse_calls == 3 and site.weight_copies["w2t"].shape == (f, dout)
