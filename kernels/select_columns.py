@@ -3,12 +3,16 @@
 For each row ``r`` of ``scores`` (R, N)::
 
     top[r]  = the k_top columns with the largest score (ties: lower column first)
-    rand[r] = the n_rand columns outside top[r] with the largest hash(seed, r, column) (ties: lower first)
+    rand[r] = n_rand columns outside top[r], one per stratum (below)
     out[r]  = top[r] ∪ rand[r], ascending                                   (R, k_top + n_rand) int32
 
-The hash is a counter-based mix of (seed, row, column) (murmur3's finalizer over a Weyl sequence), so the
-n_rand largest hashes are a uniform random subset of the non-top columns, fixed by the seed: no
-generator state, no ``torch.rand`` tensor.
+The random part is stratified: the M = N - k_top other columns, in column order, are cut into n_rand
+strata of consecutive ranks, stratum i holding ranks [⌊i·M/n_rand⌋, ⌊(i+1)·M/n_rand⌋), and each stratum
+gives the column at a rank drawn from a counter-based hash of (seed, row, i) (murmur3's finalizer over a
+Weyl sequence): fixed by the seed, no generator state, no ``torch.rand`` tensor. Every other column is
+drawn with probability 1/len(stratum) ≈ n_rand/M, as with a uniform subset, but the draws are spread over
+the columns instead of clumping. It costs one prefix sum where a uniform subset (the n_rand largest
+hashes) cost a second bit-by-bit threshold search.
 
 Why one kernel: the PyTorch version (topk, rand, scatter, topk, cat, sort, ...) is ~15 small launches,
 about 0.6 ms of host time per MLP site on FLUX, while the GPU work is microseconds. Here one program
@@ -82,15 +86,22 @@ def _take_largest(keys, k):
 @triton.jit
 def _choose_columns(key, row, cols, N, K_TOP, N_RAND, seed_lo, seed_hi, HAS_RAND: tl.constexpr):
     """Mask of one row's chosen columns: the K_TOP largest ``key`` (uint32, > 0 for the N real columns, 0 for
-    padding; ties to the lower column) plus N_RAND of the other columns by hash(seed, row, column).
+    padding; ties to the lower column) plus N_RAND of the other columns, one per stratum by hash(seed, row,
+    stratum).
     Shared with kernels/select_units.py, which must choose exactly as this file does."""
     chosen = _take_largest(key, K_TOP)
     if HAS_RAND:
+        rest = (cols < N) & ~chosen
+        m = N - K_TOP  # rest's size (the top part is K_TOP real columns); m >= N_RAND >= 1
+        rank = tl.cumsum(rest.to(tl.int32), axis=0) - 1
+        # stratum of a rank: the largest i with floor(i·m / N_RAND) <= rank (products < 2**30: N <= 32768)
+        stratum = tl.maximum((rank + 1) * N_RAND - 1, 0) // m
+        lo = stratum * m // N_RAND
+        size = (stratum + 1) * m // N_RAND - lo  # >= 1
         row_key = _fmix32(_fmix32(row.to(tl.uint32) * 0x9E3779B9 ^ seed_hi.to(tl.uint32)) ^ seed_lo.to(tl.uint32))
-        h = _fmix32(_fmix32(cols.to(tl.uint32) * 0x85EBCA77 + row_key))
-        # Top-bit set so every candidate is nonzero; top columns and padding get 0 (never taken).
-        rand_key = tl.where(chosen | (cols >= N), 0, (h >> 1) | 0x80000000)
-        chosen = chosen | _take_largest(rand_key, N_RAND)
+        h = _fmix32(_fmix32(stratum.to(tl.uint32) * 0x85EBCA77 + row_key))
+        pick = lo + (h % size.to(tl.uint32)).to(tl.int32)
+        chosen = chosen | (rest & (rank == pick))
     return chosen
 
 
@@ -173,7 +184,8 @@ def select_topk_random(
     Args:
         scores: (R, N) fp32, contiguous, finite; N <= ``MAX_COLUMNS``.
         k_top: columns taken by score, 1 <= k_top <= N; ties at the threshold go to the lower column.
-        n_rand: columns taken uniformly at random among the other N - k_top, 0 <= n_rand <= N - k_top.
+        n_rand: columns taken at random among the other N - k_top (one per stratum, see the module
+            docstring), 0 <= n_rand <= N - k_top.
         seed: any int (taken modulo 2**62); the random part is a fixed function of (seed, row, column).
         out: optional (R, k_top + n_rand) int32 contiguous output on the scores' device.
         num_warps: warps per row program (benchmarks only; default ``default_num_warps(N)``).
@@ -244,10 +256,16 @@ def select_columns_ref(scores: torch.Tensor, k_top: int, n_rand: int, seed: int)
     seed &= _SEED_MASK
     dev = scores.device
     row = torch.arange(rows, device=dev, dtype=torch.int64)[:, None]
-    col = torch.arange(n, device=dev, dtype=torch.int64)[None, :]
+    rest = torch.ones(rows, n, dtype=torch.bool, device=dev).scatter_(-1, top, False)
+    m = n - k_top
+    rank = torch.cumsum(rest, dim=-1) - 1  # int64
+    stratum = ((rank + 1) * n_rand - 1).clamp_min(0) // m
+    lo = stratum * m // n_rand
+    size = (stratum + 1) * m // n_rand - lo
     row_key = _fmix32_ref(_fmix32_ref(((row * _ROW_MUL) & _M32) ^ (seed >> 31)) ^ (seed & 0x7FFFFFFF))
-    h = _fmix32_ref(_fmix32_ref((col * _COL_MUL + row_key) & _M32))
-    rand_key = (h >> 1) | 0x80000000
-    rand_key = rand_key.scatter(-1, top, 0)
-    rand = _k_largest_ref(rand_key, n_rand)
-    return torch.cat([top, rand], dim=-1).sort(dim=-1).values.to(torch.int32)
+    h = _fmix32_ref(_fmix32_ref((stratum * _COL_MUL + row_key) & _M32))
+    chosen = (rest & (rank == lo + h % size)).scatter_(-1, top, True)
+    col = torch.arange(n, device=dev, dtype=torch.int64)
+    # the chosen columns first, ascending (no nonzero(): no host sync)
+    order = torch.where(chosen, col, col + n).sort(dim=-1).values[:, : k_top + n_rand]
+    return order.to(torch.int32)

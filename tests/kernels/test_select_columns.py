@@ -138,8 +138,10 @@ def test_out_argument():
     assert torch.equal(out, sc.select_columns_ref(scores, 12, 8, seed=0))
 
 
-def test_random_part_uniform():
-    """Each non-top column is drawn with probability n_rand / (N - k_top), whatever its position."""
+def test_random_part_stratified():
+    """Each non-top column is drawn with probability n_rand / (N - k_top), whatever its position: one per
+    stratum of (N - k_top) / n_rand consecutive non-top columns, uniformly within it, independently across
+    strata."""
     n, k_top, n_rand = 48, 16, 8
     p = n_rand / (n - k_top)
     # The top columns are scattered (every third) so that a bias by position or by neighbour would show.
@@ -147,6 +149,7 @@ def test_random_part_uniform():
     base[::3] = 1.0
     top = set(range(0, n, 3))
     rest = [c for c in range(n) if c not in top]
+    strata = [rest[i : i + 4] for i in range(0, len(rest), 4)]  # M = 32 non-top columns, 8 strata of 4
 
     def frequencies(outs: list[torch.Tensor]) -> torch.Tensor:
         sel = torch.zeros(n)
@@ -162,16 +165,33 @@ def test_random_part_uniform():
     freq = frequencies(outs)
     assert torch.all(freq[sorted(top)] == 1)
     assert (freq[rest] - p).abs().max() < 0.35, freq[rest]
-    # Reference (the same function, fast on CPU): 20000 draws, std ~0.003; pairs too (no clumping).
+    # Reference (the same function, fast on CPU): 20000 draws, std ~0.003.
     outs = [sc.select_columns_ref(base.expand(1000, n), k_top, n_rand, seed=s) for s in range(20)]
     freq = frequencies(outs)
     assert (freq[rest] - p).abs().max() < 0.02, freq[rest]
     sel = torch.zeros(sum(o.shape[0] for o in outs), n)
     sel.scatter_(1, torch.cat(outs).long(), 1.0)
-    pair = (sel[:, rest].T @ sel[:, rest]) / sel.shape[0]
-    off = pair[~torch.eye(len(rest), dtype=torch.bool)]
-    expected = p * (n_rand - 1) / (n - k_top - 1)
-    assert (off - expected).abs().max() < 0.02, (off.min(), off.max(), expected)
+    # exactly one column per stratum in every draw
+    for cols in strata:
+        assert torch.all(sel[:, cols].sum(1) == 1)
+    # columns of different strata are drawn independently: pair frequency p * p
+    pair = sel[:, strata[0]].T @ sel[:, strata[1]] / sel.shape[0]
+    assert (pair - p * p).abs().max() < 0.01, pair
+
+
+def test_random_part_strata_of_unequal_size():
+    """M not a multiple of n_rand: strata of floor and ceil(M / n_rand) non-top columns, still one each."""
+    n, k_top, n_rand = 50, 3, 7  # M = 47: strata of 6 and 7
+    scores = torch.zeros(200, n)
+    scores[:, [5, 20, 41]] = 1.0
+    out = sc.select_columns_ref(scores, k_top, n_rand, seed=3)
+    rest = [c for c in range(n) if c not in (5, 20, 41)]
+    bounds = [(i * 47) // 7 for i in range(8)]
+    for r in out.tolist():
+        chosen = set(r)
+        assert {5, 20, 41} <= chosen and len(chosen) == k_top + n_rand
+        for i in range(7):
+            assert len(chosen & set(rest[bounds[i] : bounds[i + 1]])) == 1
 
 
 def test_validates_inputs():
