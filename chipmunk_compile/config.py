@@ -102,6 +102,11 @@ class MlpConfig(ScheduleFields):
     attention branches share one input), a selection step's unit selection is launched before that attention,
     on a side stream, and overlaps it; the MLP waits for it. The same selection, bit for bit. Off under
     ``mode="reduce-overhead"`` (every op call outside the CUDA graphs splits them).
+
+    ``sparse_ahead`` (with ``early_selection``, CUDA): at those sites the whole sparse call, selection and both
+    sparse kernels, runs at that point on the side stream, so the MLP's kernels overlap the attention and the
+    work up to the MLP's call, which then only waits for them. The same kernels on the same inputs: the same
+    output, bit for bit.
     """
 
     enabled: bool = True
@@ -112,11 +117,13 @@ class MlpConfig(ScheduleFields):
     first_dense_steps: int = 1
     min_tokens: int = 0
     early_selection: bool = True
+    sparse_ahead: bool = True
 
     def __post_init__(self) -> None:
         self._validate_schedule("mlp")
-        if not isinstance(self.early_selection, bool):
-            raise ConfigError(f"mlp.early_selection must be a bool, got {self.early_selection!r}")
+        for name in ("early_selection", "sparse_ahead"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"mlp.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
             raise ConfigError(f"mlp.min_tokens must be an int >= 0, got {self.min_tokens!r}")
         _check_fraction("mlp.keep", self.keep, allow_zero=False)

@@ -24,6 +24,7 @@ class SiteReport:
     kept_fraction: float | None = None
     selections: int = 0
     selections_ahead: int = 0
+    sparse_ahead: int = 0
     calls: int = 0
     dense_calls: int = 0
     sparse_calls: int = 0
@@ -56,6 +57,8 @@ class Report:
             kept = "" if s.kept_fraction is None else f"{s.kept_fraction:.3f}"
             err = "" if s.mean_error is None else f"{s.mean_error:.2e}"
             calls = f"{s.dense_calls}/{s.sparse_calls}" if s.calls else ""
+            if s.sparse_ahead:
+                calls += f" ({s.sparse_ahead} ahead)"
             detail = s.reason or s.variant or ""
             if s.backend and s.status == "rewritten":
                 detail = (detail + f" [{s.backend}]").strip()
@@ -130,7 +133,7 @@ def _rows(state: ModelState, names: dict[int, str]) -> list[SiteReport]:
         st = site.stats
         row.kept_fraction = st.kept_fraction
         row.selections, row.selections_ahead, row.calls = st.selections, st.selections_ahead, st.calls
-        row.dense_calls, row.sparse_calls = st.dense_calls, st.sparse_calls
+        row.dense_calls, row.sparse_calls, row.sparse_ahead = st.dense_calls, st.sparse_calls, st.sparse_ahead
         row.last_phase, row.backend, row.errors = st.last_phase, st.backend, list(st.errors)
         row.cache_location = st.cache_location
         if st.text_span:

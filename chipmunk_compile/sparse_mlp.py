@@ -64,10 +64,24 @@ class PendingSelection:
 
     call: tuple[int, int]
     entry: MlpCache
-    indices: torch.Tensor
+    indices: torch.Tensor | None
     flops: int
     ready: torch.cuda.Event | None
     keep: tuple
+    out: torch.Tensor | None = None  # (B, S, Dout): the whole sparse call ran ahead (``mlp.sparse_ahead``)
+    selected: bool = True  # it chose units (else it reused entry.indices)
+
+
+@dataclass(frozen=True)
+class AheadArgs:
+    """What a sparse call needs beyond the ``mlp_select`` op's arguments, recorded by the site's latest call:
+    w2 (Dout, W) and the activation's columns of it, and whether the site runs the Triton kernels."""
+
+    w2: torch.Tensor
+    activation: str
+    w2_offset: int
+    w2_width: int
+    triton: bool
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -257,31 +271,83 @@ def select_ahead(
     cfg: MlpConfig = ctx.state.config.mlp
     info = ctx.info
     entry: MlpCache | None = site.cache(info.stream, info.generation)
-    # cheapest tests first: this runs at every step, and selects at few of them
-    if entry is None or not _selection_due(cfg, entry, info.step) or cfg.is_dense_step(info.step):
+    # cheapest tests first: this runs at every step
+    if entry is None or cfg.is_dense_step(info.step):
+        return
+    args: AheadArgs | None = site.ahead
+    whole = cfg.sparse_ahead and args is not None and site.ahead_error is None and (
+        not args.triton or "w2t" in site.weight_copies)
+    due = _selection_due(cfg, entry, info.step)
+    if not (due or whole):
         return
     x3 = _as_3d(x)
     gate = 2 if gated else 1
     f = w1.shape[0] // gate
     if (site.ordinal < cfg.first_dense_layers or cfg.is_plain_dense_step(info.step, info.last)
-            or entry.act.shape != (x3.shape[0], f, x3.shape[1]) or entry.block_mean.shape[-1] != gate * f):
+            or entry.act.shape != (x3.shape[0], f, x3.shape[1]) or entry.block_mean.shape[-1] != gate * f
+            or (whole and (args.w2_width != f or entry.out.shape[-1] != args.w2.shape[0]))):
         return
     stale = site.pending.pop(info.stream, None)  # a call that never came (an exception in between)
-    if stale is not None and stale.ready is not None:
-        torch.cuda.current_stream(x3.device).wait_event(stale.ready)
+    if stale is not None:
+        _drop_stale(site, info.stream, stale, x3.device)
+        entry = site.cache(info.stream, info.generation)
+        if entry is None:
+            return
+    call = (info.generation, info.step)
     if not x3.is_cuda:
-        idx, flops = _select(ctx, site, entry, x3, w1, b1, gated, f)
-        site.pending[info.stream] = PendingSelection((info.generation, info.step), entry, idx, flops, None, ())
+        site.pending[info.stream] = _run_ahead(ctx, site, entry, call, x3, w1, b1, gated, f, due, whole, None)
         return
+    main = torch.cuda.current_stream(x3.device)
     side = ctx.state.selection_stream(x3.device)
-    side.wait_stream(torch.cuda.current_stream(x3.device))
+    # the output is made on the main stream, which reads it after its wait: no other work gets its memory
+    out = torch.empty_like(entry.out) if whole else None
+    side.wait_stream(main)
     with torch.cuda.stream(side):
-        idx, flops = _select(ctx, site, entry, x3, w1, b1, gated, f)
-        ready = torch.cuda.Event()
-        ready.record(side)
-    # x3 was made by the main stream: held until the call's wait (the pending entry holds the reference it
+        pending = _run_ahead(ctx, site, entry, call, x3, w1, b1, gated, f, due, whole, out)
+        pending.ready = torch.cuda.Event()
+        pending.ready.record(side)
+    # x3 was made by the main stream: held until the call's wait (the pending entry holds the caches it
     # writes). Tensors made here belong to the side stream, which only runs after a wait for the main stream.
-    site.pending[info.stream] = PendingSelection((info.generation, info.step), entry, idx, flops, ready, (x3,))
+    pending.keep = (x3,)
+    site.pending[info.stream] = pending
+
+
+def _run_ahead(
+    ctx: CallContext, site: SiteState, entry: MlpCache, call: tuple[int, int], x3: torch.Tensor, w1: torch.Tensor,
+    b1: torch.Tensor | None, gated: bool, f: int, due: bool, whole: bool, out: torch.Tensor | None,
+) -> PendingSelection:
+    """The work :func:`select_ahead` moves ahead, on the current stream: the selection if ``due``, and if
+    ``whole`` the sparse call itself into ``out`` (None: a new tensor). A failing kernel stops ``whole`` at
+    this site (logged once) and drops the caches it may have half-updated: the call then runs densely."""
+    idx, flops = _select(ctx, site, entry, x3, w1, b1, gated, f) if due else (None, 0)
+    if not whole:
+        return PendingSelection(call, entry, idx, flops, None, ())
+    if due:
+        entry.indices, entry.selected_at = idx, call[1]
+    args: AheadArgs = site.ahead
+    try:
+        out = _sparse_update(site, entry, x3, w1, b1, args.w2, args.activation, gated, args.w2_offset,
+                             args.w2_width, ctx.state.config.mlp.block, args.triton, out)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Triton compile/launch errors share no base class
+        log.warning("chipmunk: MLP site %d failed running ahead (%s: %s); its calls run in place from now on",
+                    site.ordinal, type(err).__name__, err)
+        site.ahead_error = f"{type(err).__name__}: {err}"
+        for stream, cached in list(site.caches.items()):
+            if cached is entry:
+                del site.caches[stream]
+        return PendingSelection(call, entry, None, 0, None, ())
+    return PendingSelection(call, entry, idx, flops, None, (), out=out, selected=due)
+
+
+def _drop_stale(site: SiteState, stream: int, stale: PendingSelection, device: torch.device) -> None:
+    """A pending entry whose call never came: wait for its work; if it ran the whole sparse call, the caches
+    moved one step on without a caller, so they are dropped (the next call remakes them densely)."""
+    if stale.ready is not None:
+        torch.cuda.current_stream(device).wait_event(stale.ready)
+    if stale.out is not None and site.caches.get(stream) is stale.entry:
+        site.caches.pop(stream, None)
 
 
 def mlp_flops(m: int, din: int, f: int, dout: int, gated: bool) -> int:
@@ -294,6 +360,34 @@ def _use_triton(x, w1, w2, use_triton: bool) -> str | None:
     if not x.is_cuda:
         return "not a CUDA tensor"
     return mlp_kernels.supports(x, w1, w2)
+
+
+def _sparse_update(
+    site: SiteState, entry: MlpCache, x3: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
+    w2: torch.Tensor, activation: str, gated: bool, w2_offset: int, w2_width: int, block: int, triton: bool,
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """A sparse call's work at ``entry.indices``: the caches updated in place and the output (B, S, Dout), in
+    ``out`` when given (Triton) or a new tensor. The Triton kernels' errors propagate (the caller drops the
+    half-updated caches)."""
+    dout = w2.shape[0]
+    w2s = w2.narrow(1, w2_offset, w2_width)
+    if not triton:
+        mlp_kernels.column_sparse_mlp_delta_ref(x3, w1, b1, w2s, entry.indices, entry.act, entry.out,
+                                                activation=activation, gated=gated, block_size=block)
+        return entry.out.clone()
+    # The kernel gathers rows of W2ᵀ: keep one contiguous transposed copy of the activation's columns per site
+    # (made once; a strided view of W2 makes the gather uncoalesced and the sparse step slower than the dense
+    # one).
+    w2t = site.weight_copies.get("w2t")
+    if w2t is None or w2t.device != w2.device or w2t.shape != (w2_width, dout):
+        w2t = site.weight_copies["w2t"] = w2s.t().contiguous()
+    # The result must not alias the cache (the graph may reuse its buffer): the down kernel writes it beside
+    # the cache update, instead of a clone afterwards.
+    out = torch.empty_like(entry.out) if out is None else out
+    mlp_kernels.column_sparse_mlp_delta(x3, w1, b1, w2t.t(), entry.indices, entry.act, entry.out,
+                                        activation=activation, gated=gated, block_size=block, out=out)
+    return out
 
 
 def run_mlp(
@@ -333,12 +427,20 @@ def run_mlp(
     if triton and site.dense_kernel_error is not None:
         stats.backend += " [dense step: pytorch after a kernel failure]"
 
+    if site.ahead is None or site.ahead.w2 is not w2 or site.ahead.triton != triton:
+        site.ahead = AheadArgs(w2, activation, w2_offset, w2_width, triton)
+
     entry: MlpCache | None = site.cache(info.stream, info.generation)
     if entry is not None and entry.out.shape != (bsz, s, dout):
         entry = None
     pending: PendingSelection | None = site.pending.pop(info.stream, None)
     if pending is not None and pending.ready is not None:
         torch.cuda.current_stream(x3.device).wait_event(pending.ready)  # used or not: its tensors are free after
+    if pending is not None and not (pending.entry is entry and pending.call == (info.generation, info.step)):
+        if pending.out is not None and entry is pending.entry:  # it moved these caches on for another call
+            site.caches.pop(info.stream, None)
+            entry = None
+        pending = None
     first_layers = site.ordinal < cfg.first_dense_layers
     plain = cfg.is_plain_dense_step(info.step, info.last)  # the next step caches, or nothing follows
     if first_layers or plain or entry is None or cfg.is_dense_step(info.step):
@@ -358,41 +460,34 @@ def run_mlp(
         return out.reshape(*lead, dout)
 
     sel_flops = 0
-    if _selection_due(cfg, entry, info.step):
-        if pending is not None and pending.entry is entry and pending.call == (info.generation, info.step):
-            idx, sel_flops = pending.indices, pending.flops
+    if pending is not None and pending.out is not None:  # the whole call ran ahead (sparse_ahead)
+        out, sel_flops = pending.out, pending.flops
+        stats.sparse_ahead += 1
+        if pending.selected:
+            stats.selections += 1
             stats.selections_ahead += 1
-        else:
-            idx, sel_flops = _select(ctx, site, entry, x3, w1, b1, gated, f)
-        entry.indices, entry.selected_at = idx, info.step
-        stats.selections += 1
-    if triton:
-        # The kernel gathers rows of W2ᵀ: keep one contiguous transposed copy of the activation's columns
-        # per site (made once; a strided view of W2 makes the gather uncoalesced and the sparse step slower
-        # than the dense one).
-        w2t = site.weight_copies.get("w2t")
-        if w2t is None or w2t.device != w2.device or w2t.shape != (w2_width, dout):
-            w2t = site.weight_copies["w2t"] = w2s.t().contiguous()
-        # The result must not alias the cache (the graph may reuse its buffer): the down kernel writes it
-        # beside the cache update, instead of a clone afterwards.
-        out = torch.empty_like(entry.out)
+    else:
+        if _selection_due(cfg, entry, info.step):
+            if pending is not None and pending.indices is not None:
+                idx, sel_flops = pending.indices, pending.flops
+                stats.selections_ahead += 1
+            else:
+                idx, sel_flops = _select(ctx, site, entry, x3, w1, b1, gated, f)
+            entry.indices, entry.selected_at = idx, info.step
+            stats.selections += 1
         try:
-            mlp_kernels.column_sparse_mlp_delta(
-                x3, w1, b1, w2t.t(), entry.indices, entry.act, entry.out,
-                activation=activation, gated=gated, block_size=cfg.block, out=out,
-            )
+            out = _sparse_update(site, entry, x3, w1, b1, w2, activation, gated, w2_offset, w2_width, cfg.block,
+                                 triton, None)
         except torch.OutOfMemoryError:
             raise
         except Exception as err:  # noqa: BLE001 - Triton compile/launch errors share no base class
+            if not triton:
+                raise
             # The caches may be half-updated: drop them, and let this call recompute densely on PyTorch.
             checks[0] = site.triton_failed(err)
             site.caches.pop(info.stream, None)
             stats.calls -= 1
             return run_mlp(ctx, site, x, w1, b1, w2, b2, activation, gated, w2_offset, w2_width)
-    else:
-        mlp_kernels.column_sparse_mlp_delta_ref(x3, w1, b1, w2s, entry.indices, entry.act, entry.out,
-                                                activation=activation, gated=gated, block_size=cfg.block)
-        out = entry.out.clone()
     stats.sparse_calls += 1
     kept = entry.indices.shape[-1] / f
     stats.record("sparse", fixed_flops=sel_flops, kept_flops=stats.dense_flops, counts=None, columns=f,

@@ -141,6 +141,7 @@ class SiteStats:
     sparse_calls: int = 0
     selections: int = 0
     selections_ahead: int = 0  # of them, made by a selection launched ahead of the call (mlp_select)
+    sparse_ahead: int = 0  # sparse calls run whole ahead of the call (mlp_select with mlp.sparse_ahead)
     last_phase: str = ""
     dense_flops: int = 0
     errors: list[tuple[int, float]] = field(default_factory=list)
@@ -196,6 +197,10 @@ class SiteState:
         self.dense_kernel_error: str | None = None  # set when the dense-step MLP kernel failed here
         # stream -> a selection launched ahead of this site's call (MLP early selection, see sparse_mlp)
         self.pending: dict[int, Any] = {}
+        # MLP: the static arguments of the latest call, for a sparse call run ahead (sparse_mlp.AheadArgs), and
+        # why running ahead stopped at this site (a kernel failed there)
+        self.ahead: Any = None
+        self.ahead_error: str | None = None
         self.stats = SiteStats()
 
     @property

@@ -156,9 +156,10 @@ def test_single_stream_blocks_keep_the_text_keys_in_a_whole_model_graph():
                 assert set(range(128, 134)) <= chosen  # the 6 unmasked text keys (2 are padding)
 
 
-def _flux_steps(early: bool, device: str, dtype: torch.dtype, size: int = 16, heads: int = 2, head_dim: int = 16):
-    """Six steps of a tiny FLUX with ``mlp.early_selection`` on or off: (outputs, report, the chipmunk ops in the
-    order Inductor's generated code calls them)."""
+def _flux_steps(early: bool, device: str, dtype: torch.dtype, size: int = 16, heads: int = 2, head_dim: int = 16,
+                sparse_ahead: bool = True):
+    """Six steps of a tiny FLUX with ``mlp.early_selection`` (and ``mlp.sparse_ahead``) on or off: (outputs,
+    report, the chipmunk ops in the order Inductor's generated code calls them)."""
     import re
 
     from diffusers import FluxTransformer2DModel
@@ -170,7 +171,7 @@ def _flux_steps(early: bool, device: str, dtype: torch.dtype, size: int = 16, he
     model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
                                    attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=32,
                                    pooled_projection_dim=32, axes_dims_rope=rope).eval().to(device, dtype)
-    config = CONFIG.with_overrides({"mlp.early_selection": early})
+    config = CONFIG.with_overrides({"mlp.early_selection": early, "mlp.sparse_ahead": sparse_ahead})
     compiled = torch.compile(model, backend=chipmunk_compile.backend(config))
     g = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(1, size, 16, generator=g),
@@ -193,6 +194,7 @@ def _flux_steps(early: bool, device: str, dtype: torch.dtype, size: int = 16, he
 
 def _check_selection_ahead(device: str, dtype: torch.dtype, **size):
     outs, report, order = _flux_steps(True, device, dtype, **size)
+    sel_outs, sel_report, _ = _flux_steps(True, device, dtype, sparse_ahead=False, **size)
     ref, ref_report, ref_order = _flux_steps(False, device, dtype, **size)
     # the single-stream blocks' MLPs (both branches read the block's input) select ahead of their attention
     assert order == ["attention", "mlp", "mlp", "mlp_select", "attention", "mlp", "mlp_select", "attention", "mlp"]
@@ -205,8 +207,16 @@ def _check_selection_ahead(device: str, dtype: torch.dtype, **size):
         assert s.selections == 3 and s.selections_ahead == (3 if s in ahead else 0), str(report)
     assert "(3 ahead)" in str(report)
     assert not any(s.selections_ahead for s in ref_report.sites)
-    for a, b in zip(outs, ref):  # the same selections (same seeds, kernels, reference), so the same outputs
-        assert torch.equal(a, b)
+    # the whole sparse calls of those sites ran ahead too: all five on CPU; on CUDA from the second on (the
+    # first call makes the site's W2ᵀ copy)
+    for s in mlp.values():
+        assert s.sparse_calls == 5 and s.sparse_ahead == ((5 if device == "cpu" else 4) if s in ahead else 0)
+    assert "(5 ahead)" in str(report) if device == "cpu" else "(4 ahead)" in str(report)
+    sel_mlp = sel_report.by_kind("mlp", "rewritten")
+    assert not any(s.sparse_ahead for s in sel_mlp) and sum(s.selections_ahead == 3 for s in sel_mlp) == 2
+    # the same selections and kernels on the same inputs (same seeds, reference), so the same outputs
+    for a, b, c in zip(outs, sel_outs, ref):
+        assert torch.equal(a, c) and torch.equal(b, c)
 
 
 def test_mlp_selection_ahead_of_the_attention_changes_nothing():

@@ -173,3 +173,62 @@ def test_failing_dense_step_kernel_falls_back_with_a_log(monkeypatch, caplog):
     assert site.dense_kernel_error == "RuntimeError: out of resource: shared memory"
     assert "[dense step: pytorch after a kernel failure]" in site.stats.backend
     assert sum("dense-step MLP kernel failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def _mlp_steps(monkeypatch, ahead: bool, steps: int = 5):
+    """``steps`` calls of one MLP site (PyTorch branch), each preceded by its ``mlp_select`` when ``ahead``."""
+    torch.manual_seed(0)
+    w1, b1, w2 = torch.randn(32, 16) / 4, torch.randn(32) / 4, torch.randn(16, 32) / 4
+    x0 = torch.randn(1, 70, 16)
+    xs = [x0 + 0.1 * i * torch.randn_like(x0) for i in range(steps)]
+    monkeypatch.setattr(sparse_mlp, "_use_triton", lambda *a, **k: "forced reference")
+    state = ModelState(CFG)
+    outs = []
+    for step, x in enumerate(xs):
+        token = activate(CallContext(state, StepInfo(0, step, 0)))
+        try:
+            if ahead:
+                torch.ops.chipmunk.mlp_select(x, w1, b1, False)
+            outs.append(torch.ops.chipmunk.mlp(x, w1, b1, w2, None, 3, "gelu_tanh", False, 0, 32))
+        finally:
+            deactivate(token)
+    return outs, state, xs, (w1, b1, w2)
+
+
+def test_sparse_call_ahead_matches_in_place():
+    """mlp_select runs the whole sparse call (selection and update) ahead; the mlp call returns its output:
+    equal to the calls made in place."""
+    mp = pytest.MonkeyPatch()
+    try:
+        got, state, _, _ = _mlp_steps(mp, True)
+        ref, _, _, _ = _mlp_steps(mp, False)
+    finally:
+        mp.undo()
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    (site,) = state.sites
+    assert site.stats.sparse_calls == 4 and site.stats.sparse_ahead == 4 and site.stats.selections_ahead == 2
+
+
+def test_sparse_call_ahead_failing_stops_running_ahead(monkeypatch, caplog):
+    """A failure of the work run ahead is logged once, drops the caches it may have half-updated (that call
+    runs densely, exact) and stops running ahead at the site; later calls run sparse in place."""
+    real = sparse_mlp._sparse_update
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the call run ahead at step 2
+            raise RuntimeError("out of resource: shared memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_mlp, "_sparse_update", flaky)
+    with caplog.at_level("WARNING", logger="chipmunk_compile"):
+        got, state, xs, (w1, b1, w2) = _mlp_steps(monkeypatch, True)
+    (site,) = state.sites
+    assert site.ahead_error == "RuntimeError: out of resource: shared memory"
+    assert sum("failed running ahead" in r.getMessage() for r in caplog.records) == 1
+    exact = torch.nn.functional.linear(torch.nn.functional.gelu(xs[2] @ w1.t() + b1, approximate="tanh"), w2)
+    torch.testing.assert_close(got[2], exact, atol=1e-5, rtol=1e-5)
+    # step 0 dense, 1 sparse ahead, 2 dense (caches remade), 3 and 4 sparse in place
+    assert (site.stats.dense_calls, site.stats.sparse_calls, site.stats.sparse_ahead) == (2, 3, 1)
