@@ -138,11 +138,12 @@ def _mlp_fake(x, w1, b1, w2, b2, site_uid, activation, gated, w2_offset, w2_widt
 
 
 def mlp_select(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, gated: bool) -> torch.Tensor:
-    """Launch the unit selection of the MLP site with first weight ``w1`` now, if its coming call selects.
+    """Launch the unit selection of the MLP site with first weight ``w1`` now, if its coming call selects;
+    with ``mlp.sparse_ahead`` the coming sparse call's whole work (see ``sparse_mlp.select_ahead``).
 
     Placed by the pass right before an attention op that runs between ``x`` and the site's ``mlp`` call, with
     its output passed to that attention (``after``) and to the call (``selection``): Inductor's scheduler keeps
-    data dependencies, not graph order. On CUDA the selection runs on a side stream, overlapping the attention, and
+    data dependencies, not graph order. On CUDA that work runs on a side stream, overlapping the attention, and
     the ``mlp`` call waits for it; elsewhere it runs here.
 
     Args:

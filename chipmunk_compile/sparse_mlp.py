@@ -261,12 +261,15 @@ def select_ahead(
     ctx: CallContext, site: SiteState, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, gated: bool
 ) -> None:
     """``torch.ops.chipmunk.mlp_select``: if this forward's call of ``site`` will choose its units, choose
-    them now from its input x (..., Din), before the other work that the graph runs until that call.
+    them now from its input x (..., Din), before the other work that the graph runs until that call; with
+    ``mlp.sparse_ahead``, run that sparse call's whole work now (selection, both kernels, cache updates) from
+    the second sparse call on (the arguments beyond this op's come from the site's latest call, see
+    :class:`AheadArgs`; on CUDA the first call makes the W2ᵀ copy the kernels read).
 
-    On CUDA the selection runs on the model's selection stream, after the work enqueued so far; the call
-    waits for it (:func:`run_mlp`). It is the selection the call would make itself (the same seed, kernel and
-    reference), so the result does not change, only when the work runs. Anything the call would not select
-    for (a dense step, a cache it will remake) is left to the call.
+    On CUDA the work runs on the model's selection stream, after the work enqueued so far; the call waits for
+    it (:func:`run_mlp`) and returns the output made here. It is the work the call would do itself (the same
+    seed, kernels, inputs and caches), so the result does not change, only when the work runs. Anything the
+    call would do densely (a dense step, a cache it will remake) is left to the call.
     """
     cfg: MlpConfig = ctx.state.config.mlp
     info = ctx.info

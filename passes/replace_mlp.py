@@ -13,7 +13,8 @@ reason recorded.
 Early selection (``mlp.early_selection``): when a rewritten attention that does not depend on the MLP runs
 between the MLP's input and its consumer in graph order (single-stream blocks: the attention branch),
 ``chipmunk.mlp_select(x, ...)`` goes right before that attention, and its output into the attention op
-(``after``) and into the MLP op: a selection step's unit selection then overlaps the attention. Inductor's
+(``after``) and into the MLP op: a selection step's unit selection (with ``mlp.sparse_ahead``, every sparse
+call's whole work) then overlaps the attention. Inductor's
 scheduler orders nodes by their data dependencies (graph order alone did not keep the selection ahead of the
 attention), hence the token into the attention. The MLP op stays where the consumer was.
 """
