@@ -46,6 +46,8 @@ def test_dotted_overrides_and_passthrough():
         ({"preset": "sdxl"}, "sdxl"),
         ({"streams_per_step": 0}, "streams_per_step"),
         ({"check_error": "yes"}, "check_error"),
+        ({"mlp.early_selection": 1}, "mlp.early_selection"),
+        ({"mlp.sparse_ahead": "on"}, "mlp.sparse_ahead"),
     ],
 )
 def test_bad_options_raise_naming_the_key(options, match):
