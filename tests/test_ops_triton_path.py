@@ -181,29 +181,22 @@ def _mlp_steps(monkeypatch, ahead: bool, steps: int = 5):
     w1, b1, w2 = torch.randn(32, 16) / 4, torch.randn(32) / 4, torch.randn(16, 32) / 4
     x0 = torch.randn(1, 70, 16)
     xs = [x0 + 0.1 * i * torch.randn_like(x0) for i in range(steps)]
-    monkeypatch.setattr(sparse_mlp, "_use_triton", lambda *a, **k: "forced reference")
-    state = ModelState(CFG)
-    outs = []
-    for step, x in enumerate(xs):
-        token = activate(CallContext(state, StepInfo(0, step, 0)))
-        try:
-            if ahead:
-                torch.ops.chipmunk.mlp_select(x, w1, b1, False)
-            outs.append(torch.ops.chipmunk.mlp(x, w1, b1, w2, None, 3, "gelu_tanh", False, 0, 32))
-        finally:
-            deactivate(token)
+
+    def op(x, *rest):
+        if ahead:
+            torch.ops.chipmunk.mlp_select(x, w1, b1, False)
+        return torch.ops.chipmunk.mlp(x, *rest)
+
+    outs, state = _run(op, False, monkeypatch, sparse_mlp,
+                       [(x, w1, b1, w2, None, 3, "gelu_tanh", False, 0, 32) for x in xs])
     return outs, state, xs, (w1, b1, w2)
 
 
-def test_sparse_call_ahead_matches_in_place():
+def test_sparse_call_ahead_matches_in_place(monkeypatch):
     """mlp_select runs the whole sparse call (selection and update) ahead; the mlp call returns its output:
     equal to the calls made in place."""
-    mp = pytest.MonkeyPatch()
-    try:
-        got, state, _, _ = _mlp_steps(mp, True)
-        ref, _, _, _ = _mlp_steps(mp, False)
-    finally:
-        mp.undo()
+    got, state, _, _ = _mlp_steps(monkeypatch, True)
+    ref, _, _, _ = _mlp_steps(monkeypatch, False)
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
     (site,) = state.sites
