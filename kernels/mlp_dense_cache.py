@@ -17,7 +17,8 @@ its token block (BLOCK_S is the block size, so no atomics).
 
 With ``row_major=False`` the kernel writes only ``act_t`` and returns ``a`` as its transposed view: for one
 sample the caller's second linear reads that view as a column-major operand (cuBLAS takes either layout),
-so the row-major copy, a third of the kernel's memory traffic, is never written.
+so the row-major copy, a third of the kernel's memory traffic, is never written (FLUX's single-block MLP
+on an H100: 83 instead of 172 µs; bench/results/flux_micro_NVIDIA-H100_session11.csv).
 
 Rounding: ``act`` in fp32 on the input value, one rounding to the dtype of ``h``, with the activation code
 of the sparse kernels (``column_sparse_mlp._activate``; tanh-GELU as ``x·sigmoid(2z)``, equal to PyTorch's
