@@ -225,3 +225,27 @@ def test_sparse_call_ahead_failing_stops_running_ahead(monkeypatch, caplog):
     torch.testing.assert_close(got[2], exact, atol=1e-5, rtol=1e-5)
     # step 0 dense, 1 sparse ahead, 2 dense (caches remade), 3 and 4 sparse in place
     assert (site.stats.dense_calls, site.stats.sparse_calls, site.stats.sparse_ahead) == (2, 3, 1)
+
+
+def test_sparse_call_ahead_whose_call_never_came_drops_the_caches(monkeypatch):
+    """A sparse call run ahead whose mlp call never came (an exception in between) moved the caches on by one
+    call: the next mlp_select drops them, so the next call remakes them densely (exact), not sparse on top."""
+    torch.manual_seed(0)
+    w1, b1, w2 = torch.randn(32, 16) / 4, torch.randn(32) / 4, torch.randn(16, 32) / 4
+    xs = [torch.randn(1, 70, 16) for _ in range(4)]
+    monkeypatch.setattr(sparse_mlp, "_use_triton", lambda *a, **k: "forced reference")
+    state = ModelState(CFG)
+    args = (w1, b1, w2, None, 3, "gelu_tanh", False, 0, 32)
+    outs = {}
+    for step, x in enumerate(xs):
+        token = activate(CallContext(state, StepInfo(0, step, 0)))
+        try:
+            torch.ops.chipmunk.mlp_select(x, w1, b1, False)
+            if step != 1:  # step 1's call never comes
+                outs[step] = torch.ops.chipmunk.mlp(x, *args)
+        finally:
+            deactivate(token)
+    (site,) = state.sites
+    exact = torch.nn.functional.linear(torch.nn.functional.gelu(xs[2] @ w1.t() + b1, approximate="tanh"), w2)
+    torch.testing.assert_close(outs[2], exact, atol=1e-5, rtol=1e-5)  # step 2 remade the caches densely
+    assert (site.stats.dense_calls, site.stats.sparse_calls, site.stats.sparse_ahead) == (2, 1, 1)
