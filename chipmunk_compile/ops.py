@@ -1,5 +1,6 @@
 """The custom ops the passes insert: ``torch.ops.chipmunk.attention``, ``torch.ops.chipmunk.mlp`` and
-``torch.ops.chipmunk.mlp_select`` (an MLP's selection launched ahead of its call, see ``mlp.early_selection``).
+``torch.ops.chipmunk.mlp_select`` (an MLP's selection, or with ``mlp.sparse_ahead`` its whole sparse call,
+launched ahead of its call, see ``mlp.early_selection``).
 
 Both are functional (no argument is mutated): their caches live in the per-model state that the runner
 activates for each compiled call (see :mod:`chipmunk_compile.state`), never in the graph. Called with no

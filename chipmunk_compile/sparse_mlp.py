@@ -54,10 +54,11 @@ class MlpCache:
 
 @dataclass
 class PendingSelection:
-    """A selection launched ahead of its site's call by :func:`select_ahead`.
+    """A selection, or a whole sparse call, launched ahead of its site's call by :func:`select_ahead`.
 
-    call: (generation, step) it was made for; entry: the cache whose reference it refreshed; indices:
-    (B, nb, k) int32; flops: its matmul's FLOPs; ready: the event the call waits for (CUDA; None when it ran
+    call: (generation, step) it was made for; entry: the cache whose reference it refreshed (and, with
+    ``out``, whose caches it updated); indices: (B, nb, k) int32, None where it did not select; flops: its
+    matmul's FLOPs; ready: the event the call waits for (CUDA; None when it ran
     synchronously); keep: other main-stream tensors the side stream reads, held (with ``entry``) until that
     wait so that their memory goes to no other work while it runs.
     """
@@ -298,7 +299,8 @@ def select_ahead(
             return
     call = (info.generation, info.step)
     if not x3.is_cuda:
-        site.pending[info.stream] = _run_ahead(ctx, site, entry, call, x3, w1, b1, gated, f, due, whole, None)
+        site.pending[info.stream] = _run_ahead(ctx, site, entry, call, x3, w1, b1, gated, f, due, whole, None,
+                                               info.stream)
         return
     main = torch.cuda.current_stream(x3.device)
     side = ctx.state.selection_stream(x3.device)
@@ -306,7 +308,7 @@ def select_ahead(
     out = torch.empty_like(entry.out) if whole else None
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        pending = _run_ahead(ctx, site, entry, call, x3, w1, b1, gated, f, due, whole, out)
+        pending = _run_ahead(ctx, site, entry, call, x3, w1, b1, gated, f, due, whole, out, info.stream)
         pending.ready = torch.cuda.Event()
         pending.ready.record(side)
     # x3 was made by the main stream: held until the call's wait (the pending entry holds the caches it
@@ -317,7 +319,7 @@ def select_ahead(
 
 def _run_ahead(
     ctx: CallContext, site: SiteState, entry: MlpCache, call: tuple[int, int], x3: torch.Tensor, w1: torch.Tensor,
-    b1: torch.Tensor | None, gated: bool, f: int, due: bool, whole: bool, out: torch.Tensor | None,
+    b1: torch.Tensor | None, gated: bool, f: int, due: bool, whole: bool, out: torch.Tensor | None, stream: int,
 ) -> PendingSelection:
     """The work :func:`select_ahead` moves ahead, on the current stream: the selection if ``due``, and if
     ``whole`` the sparse call itself into ``out`` (None: a new tensor). A failing kernel stops ``whole`` at
@@ -337,9 +339,7 @@ def _run_ahead(
         log.warning("chipmunk: MLP site %d failed running ahead (%s: %s); its calls run in place from now on",
                     site.ordinal, type(err).__name__, err)
         site.ahead_error = f"{type(err).__name__}: {err}"
-        for stream, cached in list(site.caches.items()):
-            if cached is entry:
-                del site.caches[stream]
+        site.caches.pop(stream, None)
         return PendingSelection(call, entry, None, 0, None, ())
     return PendingSelection(call, entry, idx, flops, None, (), out=out, selected=due)
 

@@ -370,8 +370,9 @@ class ModelState:
         return site if site is not None and site.key is key else None
 
     def selection_stream(self, device: torch.device) -> torch.cuda.Stream:
-        """The model's side stream on ``device`` for selections launched ahead (high priority: its few
-        latency-bound programs take the first free multiprocessors instead of queueing behind a GEMM's)."""
+        """The model's side stream on ``device`` for MLP work launched ahead: selections (high priority: their
+        few latency-bound programs take the first free multiprocessors instead of queueing behind a GEMM's) and,
+        with ``mlp.sparse_ahead``, whole sparse calls beside the attention."""
         stream = self._selection_streams.get(device)
         if stream is None:
             # a large negative priority maps to the device's highest
