@@ -69,6 +69,7 @@ class E2EConfig:
     timed_steps: int = 0  # > 0: time only the first steps of the schedule and predict the whole loop
     profile_steps: tuple[int, ...] = (2, 3)
     backends: tuple[str, ...] = ("inductor", "chipmunk")
+    count_flops: bool = False  # one more generation per backend, counting each step's FLOPs
 
 
 def step_kinds(config, steps: int) -> list[tuple]:
@@ -136,6 +137,69 @@ class E2EResult:
     triton_first_launch_s: float = 0.0
     # the warm-up generation's steps (compiles and first-call work included): compile_s by step
     warmup_step_ms: list[float] = field(default_factory=list)
+    # with --count-flops: FLOPs of each step ({"total", "attention", "mlp"}; Inductor's: its first step,
+    # the dense model's, counted once since all its steps are alike)
+    step_flops: list[dict[str, int]] = field(default_factory=list)
+
+
+def count_call_flops(fn, ours: bool) -> tuple[torch.Tensor, dict[str, int]]:
+    """Run one model call ``fn()`` and count its FLOPs by kind.
+
+    ``ours``: a chipmunk-compiled model, counted through :data:`FLOP_COUNTER` (what our ops computed on this
+    call, by their registered formulas, plus the other matmuls of the compiled graphs); else ``FlopCounterMode``
+    around the call (Dynamo runs the model's frames eagerly under it: the dense model's FLOPs, attention by
+    SDPA's formula). Returns (the call's output, {"total", "attention", "mlp"}); "attention" and "mlp" are
+    only split for ours (0 for the dense model, whose MLPs are plain matmuls).
+    """
+    if ours:
+        from chipmunk_compile.runner import FLOP_COUNTER, FlopTally
+
+        tally = FlopTally()
+        token = FLOP_COUNTER.set(tally)
+        try:
+            out = fn()
+        finally:
+            FLOP_COUNTER.reset(token)
+        return out, {"total": tally.total(), "attention": tally.total("chipmunk.attention"),
+                     "mlp": tally.total("chipmunk.mlp")}
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    # SDPA's CPU kernel has no registered formula (the CUDA ones do): count it as they are counted
+    cpu = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
+    with FlopCounterMode(display=False, custom_mapping=cpu) as mode:
+        out = fn()
+    return out, {"total": mode.get_total_flops(), "attention": 0, "mlp": 0}
+
+
+def flop_summary(dense_step: int, step_flops: list[dict[str, int]], step_ms: list[float], kinds: list[tuple],
+                 inductor_step_ms: float, measured_speedup: float) -> dict:
+    """How far FLOPs alone could take a chipmunk loop beside Inductor's.
+
+    ``dense_step``: FLOPs of one dense step (Inductor's, all alike); ``step_flops`` / ``step_ms`` / ``kinds``:
+    chipmunk's per step (from one generation each; the times may come from another generation of the same
+    schedule); ``inductor_step_ms``: Inductor's median step time. ``flop_ratio`` is the speedup chipmunk would
+    get if every step ran at Inductor's FLOP rate; ``rate_vs_inductor`` = measured speedup / flop_ratio, the
+    fraction of Inductor's FLOP rate chipmunk's loop reaches on average. Per step kind: median time, FLOPs and
+    rate (TFLOP/s).
+    """
+    if len(step_flops) != len(kinds) or len(step_ms) != len(kinds):
+        raise ValueError(f"{len(step_flops)} step counts and {len(step_ms)} step times for {len(kinds)} steps")
+    total = sum(f["total"] for f in step_flops)
+    ratio = dense_step * len(kinds) / total
+    by_kind: dict[str, dict] = {}
+    for kind in dict.fromkeys(kinds):
+        steps = [i for i, k in enumerate(kinds) if k == kind]
+        ms = statistics.median(step_ms[i] for i in steps)
+        flops = statistics.median(step_flops[i]["total"] for i in steps)
+        by_kind[" / ".join(kind)] = {"steps": len(steps), "median_ms": ms, "tflop": flops / 1e12,
+                                     "tflop_per_s": flops / ms / 1e9, "flops_vs_dense": flops / dense_step}
+    return {"dense_tflop_per_step": dense_step / 1e12, "chipmunk_tflop_per_generation": total / 1e12,
+            "flop_ratio": ratio, "measured_speedup": measured_speedup,
+            "rate_vs_inductor": measured_speedup / ratio,
+            "inductor_tflop_per_s": dense_step / inductor_step_ms / 1e9, "by_kind": by_kind}
 
 
 def build_flux(cfg: E2EConfig, device: torch.device, dtype: torch.dtype):
@@ -240,10 +304,12 @@ BUILDERS = {"flux": build_flux, "hunyuan": build_hunyuan, "wan": build_wan}
 
 
 def generate(model, call, latent_shape, steps, device, dtype, step_times: list[float] | None = None,
-             profile: tuple[int, str, str] | None = None, max_steps: int | None = None, graphs: bool = False):
+             profile: tuple[int, str, str] | None = None, max_steps: int | None = None, graphs: bool = False,
+             flops: tuple[list[dict[str, int]], bool] | None = None):
     """One generation. ``profile=(step, path_prefix, how)`` profiles that step (see :func:`_profile_step`).
 
-    ``graphs``: CUDA-graph mode; each model call starts a new cudagraph-trees step.
+    ``graphs``: CUDA-graph mode; each model call starts a new cudagraph-trees step. ``flops=(list, ours)``
+    appends each step's FLOP counts to the list (see :func:`count_call_flops`; not a timed generation).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -267,7 +333,11 @@ def generate(model, call, latent_shape, steps, device, dtype, step_times: list[f
                 events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
                 events[-1][0].record()
             t0 = time.perf_counter()
-            v = call(model, latents, t)
+            if flops is not None:
+                v, counted = count_call_flops(functools.partial(call, model, latents, t), flops[1])
+                flops[0].append(counted)
+            else:
+                v = call(model, latents, t)
             latents = sched.step(v, t, latents).prev_sample
             if step_times is not None:
                 if cuda:
@@ -431,6 +501,10 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype, label: str = "") -> tu
                 generate(compiled, call, shape, cfg.steps, device, dtype, max_steps=step + 1, graphs=graphs,
                          profile=(step, f"{cfg.profile_dir}/profile_{cfg.model}_{tag}_step{step}", how))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    step_flops: list[dict[str, int]] = []
+    if cfg.count_flops:  # after the peak is read: counting holds no more memory, but it is not timed either
+        generate(compiled, call, shape, cfg.steps, device, dtype, graphs=graphs, flops=(step_flops, name == "chipmunk"),
+                 max_steps=1 if name == "inductor" else None)
     sec = statistics.median(times)
     if limit:  # only the first steps ran: predict the whole schedule from the time of each step kind
         kinds = step_kinds(config, cfg.steps) if name == "chipmunk" else [("dense",)] * cfg.steps
@@ -442,12 +516,63 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype, label: str = "") -> tu
 
         report = str(chipmunk_compile.report(model))
     res = E2EResult(name, sec, first, first - sec, peak, counters["stats"]["unique_graphs"] - graphs, steps_ms,
-                    gc_ms[0] / cfg.repeats, resident, normal_path_stats()[1] - launch_s0, warm_ms)
+                    gc_ms[0] / cfg.repeats, resident, normal_path_stats()[1] - launch_s0, warm_ms, step_flops)
     del model, compiled
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res, out, report
+
+
+def backend_config(cfg: E2EConfig, name: str):
+    """The ChipmunkConfig of a chipmunk result name (``chipmunk``, ``chipmunk[K=V;...]``, ``...#2``)."""
+    import chipmunk_compile
+
+    _, extra = parse_backend(name.split("#")[0])
+    options = {"preset": cfg.preset, **dict(cfg.overrides), **dict(extra)}
+    return chipmunk_compile.ChipmunkConfig.from_options(options)[0]
+
+
+def flop_summaries(cfg: E2EConfig, results: dict[str, E2EResult]) -> dict[str, dict]:
+    """:func:`flop_summary` of each chipmunk result, with FLOPs counted beside a counted Inductor run."""
+    ind = results.get("inductor")
+    if not (cfg.count_flops and ind is not None and ind.step_flops and ind.step_ms):
+        return {}
+    out = {}
+    for name, r in results.items():
+        if not name.startswith("chipmunk") or not r.step_flops:
+            continue
+        out[name] = flop_summary(ind.step_flops[0]["total"], r.step_flops, r.step_ms,
+                                 step_kinds(backend_config(cfg, name), cfg.steps), statistics.median(ind.step_ms),
+                                 ind.seconds_per_generation / r.seconds_per_generation)
+        s = out[name]
+        print(f"{name}: {s['chipmunk_tflop_per_generation']:.1f} TFLOP per generation against "
+              f"{s['dense_tflop_per_step'] * cfg.steps:.1f} dense: FLOP ratio {s['flop_ratio']:.3f}, measured "
+              f"{s['measured_speedup']:.3f}x = {s['rate_vs_inductor']:.3f} of Inductor's FLOP rate "
+              f"({s['inductor_tflop_per_s']:.0f} TFLOP/s)", flush=True)
+        for kind, k in s["by_kind"].items():
+            print(f"  {kind}: {k['steps']} steps, {k['median_ms']:.1f} ms, {k['tflop']:.2f} TFLOP "
+                  f"({k['flops_vs_dense']:.3f} of dense), {k['tflop_per_s']:.0f} TFLOP/s", flush=True)
+    return out
+
+
+def write_flop_rows(path: Path, cfg: E2EConfig, card: str, date: str, summaries: dict[str, dict]) -> None:
+    """Append one row per chipmunk backend of :func:`flop_summaries` (its step kinds as JSON)."""
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["card", "torch", "triton", "git_sha", "date", "model", "size", "height", "width", "frames",
+                        "steps", "regional", "mode", "backend", "dense_tflop_per_step",
+                        "chipmunk_tflop_per_generation", "flop_ratio", "measured_speedup", "rate_vs_inductor",
+                        "inductor_tflop_per_s", "by_kind"])
+        for name, s in summaries.items():
+            w.writerow([card, torch.__version__, triton_version(), git_sha(), date, cfg.model, cfg.size, cfg.height,
+                        cfg.width, cfg.frames if cfg.model != "flux" else "", cfg.steps, cfg.regional,
+                        cfg.mode or "default", name, f"{s['dense_tflop_per_step']:.4f}",
+                        f"{s['chipmunk_tflop_per_generation']:.3f}", f"{s['flop_ratio']:.4f}",
+                        f"{s['measured_speedup']:.4f}", f"{s['rate_vs_inductor']:.4f}",
+                        f"{s['inductor_tflop_per_s']:.1f}", json.dumps(s["by_kind"])])
 
 
 def main(argv=None) -> None:
@@ -468,10 +593,15 @@ def main(argv=None) -> None:
     p.add_argument("--mode", default="", help="torch.compile mode for both sides, e.g. reduce-overhead")
     p.add_argument("--profile", action="store_true", help="profile the --profile-steps (host, Python, CUDA) into --out")
     p.add_argument("--profile-steps", default="2,3", help="comma list of steps to profile")
+    p.add_argument("--count-flops", action="store_true",
+                   help="one more (untimed) generation per backend counting each step's FLOPs; with inductor in "
+                        "the run, writes how far FLOPs alone could take each chipmunk backend (flops_<model>_*.csv)")
     p.add_argument("--backends", default="inductor,chipmunk",
                    help="comma list of inductor, chipmunk, chipmunk[KEY=JSON;...] (a variant; repeats allowed, "
                         "e.g. A/B/A/B in one process); speedups need inductor")
     args = p.parse_args(argv)
+    if args.count_flops and (args.timed_steps or "reduce-overhead" in args.mode):
+        p.error("--count-flops counts a whole loop outside CUDA graphs: not with --timed-steps or reduce-overhead")
     overrides = tuple((k, json.loads(v)) for k, v in (s.split("=", 1) for s in args.set))
     height = args.height or (768 if args.model == "flux" else 720)
     cfg = E2EConfig(model=args.model, size=args.size, height=height, width=args.width, steps=args.steps,
@@ -479,7 +609,7 @@ def main(argv=None) -> None:
                     repeats=args.repeats, preset=args.preset or args.model, overrides=overrides, frames=args.frames,
                     profile_dir=args.out if args.profile else "", mode=args.mode, timed_steps=args.timed_steps,
                     profile_steps=tuple(int(x) for x in args.profile_steps.split(",")),
-                    backends=tuple(args.backends.split(",")))
+                    backends=tuple(args.backends.split(",")), count_flops=args.count_flops)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results, outs, report = {}, {}, ""
@@ -525,8 +655,12 @@ def main(argv=None) -> None:
                         r.recompiles_after_warmup, f"{rel:.4g}" if name == "chipmunk" and both else "",
                         f"{statistics.median(r.step_ms[:2]):.2f}" if r.step_ms else "",
                         f"{statistics.median(r.step_ms):.2f}" if r.step_ms else "", cfg.timed_steps or ""])
+    summaries = flop_summaries(cfg, results)
+    if summaries:
+        write_flop_rows(out_dir / f"flops_{cfg.model}_{card.replace(' ', '_')}_{date}.csv", cfg, card, date, summaries)
     (out_dir / f"e2e_steps_{cfg.model}_{date}.json").write_text(
-        json.dumps({"config": asdict(cfg), "card": card, "results": {k: asdict(v) for k, v in results.items()}}))
+        json.dumps({"config": asdict(cfg), "card": card, "results": {k: asdict(v) for k, v in results.items()},
+                    "flop_summaries": summaries}))
     print(report)
     if both:
         speedup = base / results["chipmunk"].seconds_per_generation

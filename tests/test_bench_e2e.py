@@ -70,3 +70,54 @@ def test_backend_variants_parse_and_repeat():
     entries = ("chipmunk", "chipmunk[mlp.early_selection=false]", "chipmunk", "chipmunk[mlp.early_selection=false]")
     assert labels(entries) == ["chipmunk", "chipmunk[mlp.early_selection=false]", "chipmunk#2",
                                "chipmunk[mlp.early_selection=false]#2"]
+
+
+def test_flop_summary_compares_with_inductor_rate():
+    """flop_ratio = dense FLOPs of the loop / chipmunk's; rate_vs_inductor = measured speedup / flop_ratio."""
+    from bench_e2e import flop_summary
+
+    kinds = [("dense",), ("sparse",), ("sparse",), ("sparse",)]
+    flops = [{"total": 100}, {"total": 40}, {"total": 40}, {"total": 40}]
+    s = flop_summary(100, flops, [10.0, 5.0, 6.0, 7.0], kinds, inductor_step_ms=10.0, measured_speedup=1.5)
+    assert s["flop_ratio"] == pytest.approx(400 / 220)
+    assert s["rate_vs_inductor"] == pytest.approx(1.5 * 220 / 400)
+    assert s["inductor_tflop_per_s"] == pytest.approx(100 / 10.0 / 1e9)
+    assert s["by_kind"]["sparse"] == {"steps": 3, "median_ms": 6.0, "tflop": 40 / 1e12,
+                                      "tflop_per_s": 40 / 6.0 / 1e9, "flops_vs_dense": 0.4}
+    with pytest.raises(ValueError, match="step counts"):
+        flop_summary(100, flops[:3], [1.0] * 4, kinds, inductor_step_ms=1.0, measured_speedup=1.0)
+
+
+def test_count_flops_run_on_a_tiny_flux(tmp_path):
+    """``--count-flops`` on CPU: the dense count includes attention (SDPA's CPU kernel has no formula of its
+    own), chipmunk's sparse steps count fewer FLOPs than a dense step, and the CSV row matches the JSON."""
+    import csv
+
+    from bench_e2e import main
+
+    pytest.importorskip("diffusers")
+    main(["--model", "flux", "--size", "tiny", "--steps", "6", "--count-flops", "--out", str(tmp_path),
+          "--backends", "inductor,chipmunk"])
+    data = json.loads(next(tmp_path.glob("e2e_steps_flux_*.json")).read_text())
+    ind, ours = data["results"]["inductor"], data["results"]["chipmunk"]
+    assert len(ind["step_flops"]) == 1 and len(ours["step_flops"]) == 6
+    dense = ind["step_flops"][0]["total"]
+    # tiny FLUX: 2 double + 3 single blocks, 64 image + 16 text tokens, 2 heads of 16: the attention alone
+    assert dense > 5 * 4 * 2 * 80 * 80 * 16
+    kinds = step_kinds(ChipmunkConfig.from_name("flux"), 6)
+    sparse = [f["total"] for f, k in zip(ours["step_flops"], kinds) if k[0] == "sparse"]
+    assert sparse and max(sparse) < dense
+    assert all(f["attention"] > 0 for f in ours["step_flops"])
+    summary = data["flop_summaries"]["chipmunk"]
+    assert summary["flop_ratio"] == pytest.approx(6 * dense / sum(f["total"] for f in ours["step_flops"]))
+    rows = list(csv.DictReader(next(tmp_path.glob("flops_flux_*.csv")).open()))
+    assert [r["backend"] for r in rows] == ["chipmunk"]
+    assert float(rows[0]["flop_ratio"]) == pytest.approx(summary["flop_ratio"], rel=1e-3)
+
+
+def test_count_flops_refuses_partial_or_graphed_loops():
+    from bench_e2e import main
+
+    for extra in (["--timed-steps", "3"], ["--mode", "reduce-overhead"]):
+        with pytest.raises(SystemExit):
+            main(["--size", "tiny", "--count-flops", *extra])
