@@ -5,6 +5,7 @@
     python bench/quality.py --variant both --classes 12 --seeds 2    # CUDA: full grid, ~4 min a variant (H200)
     python bench/quality.py --variant image --quick --steps 10       # smoke run: 3 settings
     python bench/quality.py --variant video --grid full --settings wan,wan@tiled --out /tmp/q
+    python bench/quality.py --variant image --settings 'flux,flux[mlp.keep=0.15;attention.keep=0.1]'
 
 For each variant (``image``: 1024 tokens, ``video``: 2048 tokens; bench/reference_dit) it samples
 ``classes × seeds`` images or clips with 50 Euler steps and classifier-free guidance (one batched
@@ -33,6 +34,7 @@ import csv
 import datetime
 import functools
 import io
+import json
 import math
 import platform
 import sys
@@ -54,7 +56,7 @@ import chipmunk_compile  # noqa: E402
 from bench._harness import git_sha, triton_version  # noqa: E402
 from bench.reference_dit.model import DiT, DiTConfig  # noqa: E402
 from bench.reference_dit.sample import load, sample  # noqa: E402
-from chipmunk_compile.config import ChipmunkConfig  # noqa: E402
+from chipmunk_compile.config import ChipmunkConfig, ConfigError  # noqa: E402
 from chipmunk_compile.runner import FLOP_COUNTER, FlopTally  # noqa: E402
 from chipmunk_compile.sparse_attention import attention_flops  # noqa: E402
 from chipmunk_compile.sparse_mlp import mlp_flops  # noqa: E402
@@ -111,6 +113,102 @@ def _sweep_point(attn: float | None, mlp: float | None, family: str, suffix: str
 def _preset(name: str) -> Setting:
     # mlp.min_tokens 0: the reference DiT's sequences are below the flux preset's 1024-token floor for MLPs
     return Setting(name, "preset", (("preset", name), ("mlp.min_tokens", 0)))
+
+
+def preset_variant(name: str) -> Setting:
+    """A preset with overrides, named ``PRESET[KEY=JSON;KEY=JSON...]``, e.g. ``flux[mlp.keep=0.15]``.
+
+    Built as :func:`_preset` builds the preset (family ``preset``, ``mlp.min_tokens`` 0, which an override
+    may replace), then the overrides in the order given. Values are JSON (``0.15``, ``true``, ``[0, 1]``,
+    ``null``); one that is not JSON is taken as a string (``offload=never``). Keys are the dotted
+    ``torch.compile`` options of the backend (``mlp.keep``, ``attention.dense_every``, ``num_steps``...).
+    Raises ValueError on a malformed name, ConfigError (a ValueError) on an unknown preset, an unknown
+    key or a bad value.
+    """
+    name = name.strip()
+    head, bracket, rest = name.partition("[")
+    preset = head.strip()
+    if not bracket or not rest.endswith("]") or not preset:
+        raise ValueError(f"{name!r} is not of the form PRESET[KEY=JSON;KEY=JSON...]")
+    ChipmunkConfig.from_name(preset)  # an unknown preset: ConfigError naming the known ones
+    opts: dict[str, Any] = {"preset": preset, "mlp.min_tokens": 0}
+    seen: set[str] = set()
+    for item in _split_top_level(rest[:-1], ";"):
+        key, eq, text = (part.strip() for part in item.partition("="))
+        if not eq or not key:
+            raise ValueError(f"{name!r}: override {item.strip()!r} is not KEY=JSON")
+        if key in ("preset", "config"):
+            raise ValueError(f"{name!r}: {key!r} cannot be overridden (the preset is named before the bracket)")
+        if key in seen:
+            raise ValueError(f"{name!r}: {key!r} is given twice")
+        seen.add(key)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        opts[key] = tuple(value) if isinstance(value, list) else value  # a Setting stays hashable
+    if not seen:
+        raise ValueError(f"{name!r} has no overrides; name the preset alone ({preset!r}) for the preset itself")
+    setting = Setting(name, "preset", tuple(opts.items()))
+    _, rest_options = ChipmunkConfig.from_options(opts)  # bad keys or values: ConfigError
+    if rest_options:
+        raise ConfigError(f"{name!r}: not chipmunk options: {sorted(rest_options)}")
+    return setting
+
+
+def _split_top_level(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside brackets (``[...]``, ``{...}``) and double-quoted strings; empty
+    pieces dropped. ``"a,b[x=[1,2]],c"`` -> ``["a", "b[x=[1,2]]", "c"]``."""
+    pieces, depth, quoted, escaped, start = [], 0, False, False, 0
+    for i, ch in enumerate(text):
+        if quoted:
+            quoted = escaped or ch != '"'
+            escaped = not escaped and ch == "\\"
+        elif ch == '"':
+            quoted = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            pieces.append(text[start:i])
+            start = i + 1
+    pieces.append(text[start:])
+    return [piece.strip() for piece in pieces if piece.strip()]
+
+
+def select_settings(spec: str, grid: str) -> list[Setting]:
+    """The settings ``--settings`` names, in its order: a comma-separated list of names from ``grid``
+    (:func:`sweep`) and preset variants ``PRESET[KEY=JSON;...]`` (:func:`preset_variant`, built, not looked
+    up). An empty ``spec`` keeps the whole grid. Raises ValueError (ConfigError included) naming what is
+    wrong: a name not in the grid, a malformed variant, an unknown preset, key or value."""
+    settings = sweep(grid)
+    if not spec.strip():
+        return settings
+    by_name = {s.name: s for s in settings}
+    chosen: dict[str, Setting] = {}
+    unknown, errors = [], []
+    for name in _split_top_level(spec, ","):
+        if "[" in name:
+            try:
+                setting = preset_variant(name)
+            except ValueError as err:
+                errors.append(str(err))
+                continue
+            chosen.setdefault(setting.name, setting)
+        elif name in by_name:
+            chosen.setdefault(name, by_name[name])
+        else:
+            unknown.append(name)
+    if unknown:
+        errors.insert(
+            0,
+            f"settings not in the {grid} grid: {unknown}; it has {list(by_name)}, or name a preset "
+            "variant PRESET[KEY=JSON;KEY=JSON]",
+        )
+    if errors:
+        raise ValueError("; ".join(errors))
+    return list(chosen.values())
 
 
 def sweep(grid: str = "full") -> list[Setting]:
@@ -715,7 +813,13 @@ def main(argv: list[str] | None = None) -> int:
         help="settings grid (default: full on CUDA, cpu on CPU)",
     )
     p.add_argument("--quick", action="store_true", help="the quick grid (3 settings), for smoke tests")
-    p.add_argument("--settings", default="", help="comma-separated setting names to keep from the grid")
+    p.add_argument(
+        "--settings",
+        default="",
+        help="comma-separated setting names to keep from the grid, in this order; a preset variant "
+        "PRESET[KEY=JSON;KEY=JSON] (e.g. 'flux[mlp.keep=0.15]') is built instead: the preset with mlp.min_tokens 0 "
+        "and the overrides",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--dtype",
@@ -728,13 +832,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.device(args.device).type == "cuda"
     grid = "quick" if args.quick else args.grid or ("full" if cuda else "cpu")
-    settings = sweep(grid)
-    if args.settings:
-        wanted = args.settings.split(",")
-        unknown = set(wanted) - {s.name for s in settings}
-        if unknown:
-            p.error(f"settings not in the {grid} grid: {sorted(unknown)}; it has {[s.name for s in settings]}")
-        settings = [s for s in settings if s.name in wanted]
+    try:  # before any sampling: a bad name, preset, key or value stops here
+        settings = select_settings(args.settings, grid)
+    except ValueError as err:
+        p.error(f"--settings: {err}")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     variants = ["image", "video"] if args.variant == "both" else [args.variant]
     date = datetime.date.today().isoformat()

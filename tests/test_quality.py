@@ -8,6 +8,7 @@
 
 import importlib
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -135,3 +136,48 @@ def test_tile_permutation_and_tiled_model():
     t, y = torch.tensor([900.0, 300.0]), torch.tensor([4, 12])
     with torch.no_grad():
         torch.testing.assert_close(tiled(x, t, y), model(x, t, y), rtol=1e-4, atol=1e-5)
+
+
+def test_settings_preset_variants_are_built_and_validated():
+    """--settings: grid names are looked up, PRESET[KEY=JSON;...] is built (no sampling); errors name the fault."""
+    got = quality.select_settings("flux,flux[mlp.keep=0.15],wan", "cpu")
+    assert [s.name for s in got] == ["flux", "flux[mlp.keep=0.15]", "wan"]
+    assert got[0] == quality.sweep("cpu")[7]  # the grid's own flux preset
+    variant = got[1]
+    assert variant.family == "preset" and variant.token_order == "raster"
+    assert variant.options == (("preset", "flux"), ("mlp.min_tokens", 0), ("mlp.keep", 0.15))
+    cfg, flux = variant.config(), got[0].config()
+    assert cfg.mlp.keep == 0.15 and cfg.mlp.min_tokens == 0 and cfg.mlp.random_keep == flux.mlp.random_keep
+    assert cfg.attention == flux.attention
+    assert quality.select_settings("", "quick") == quality.sweep("quick")
+
+    # several overrides; JSON values (lists become tuples, bools); commas inside brackets do not split names
+    (multi,) = quality.select_settings(
+        "flux[ attention.keep=0.1 ; attention.dense_steps=[0,1,10]; mlp.min_tokens=512;mlp.enabled=true]", "cpu"
+    )
+    cfg = multi.config()
+    assert cfg.attention.keep == 0.1 and cfg.attention.dense_steps == (0, 1, 10)
+    assert cfg.mlp.min_tokens == 512 and cfg.mlp.enabled is True
+    hash(multi)
+
+    bad = {
+        "flx[mlp.keep=0.1]": "unknown preset 'flx'",
+        "flux[mlp.kep=0.1]": "unknown chipmunk option 'mlp.kep'",
+        "flux[mlp.keep=1.5]": "mlp.keep",
+        "flux[mlp.keep=true]": "mlp.keep must be a number",
+        "flux[foo=1]": "not chipmunk options",
+        "flux[mlp.keep=0.1": "PRESET[KEY=JSON",
+        "flux[mlp.keep]": "not KEY=JSON",
+        "flux[]": "no overrides",
+        "flux[preset=wan]": "cannot be overridden",
+        "flux[mlp.keep=0.1;mlp.keep=0.2]": "given twice",
+        "attn0.33": "not in the cpu grid",
+    }
+    for spec, message in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            quality.select_settings(spec, "cpu")
+
+    # the CLI turns them into an argparse error before loading a model or sampling
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--variant", "image", "--device", "cpu", "--settings", "flux,flux[mlp.kep=0.1]"])
+    assert exit_info.value.code == 2
