@@ -3,12 +3,15 @@
 
     python bench/bench_e2e.py --model flux                 # FLUX.1-dev architecture, 1280x768, on CUDA
     python bench/bench_e2e.py --model flux --size tiny     # a CPU smoke run of the same code
+    python bench/bench_e2e.py --model flux --count-flops   # + each step's FLOPs: how far FLOPs alone could go
 
 Per backend: one warm-up generation (compiles), then timed generations. Reports seconds per generation,
 the speedup, compile time (first generation minus a warm one), peak GPU memory, per-step times (so dense,
 selection and sparse steps can be told apart), recompiles after warm-up, and the final-latent relative L2
 between the two (random weights: a sanity check, not a quality measure). Appends rows to
-``bench/results/e2e_<card>_<date>.csv``.
+``bench/results/e2e_<card>_<date>.csv``. With ``--count-flops``, one more untimed generation per backend counts
+each step's FLOPs; beside Inductor that gives each chipmunk backend's FLOP ratio (its speedup at Inductor's FLOP
+rate) and the fraction of Inductor's rate it reached, by step kind (``flops_<model>_<card>_<date>.csv``).
 """
 
 from __future__ import annotations
