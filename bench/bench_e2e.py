@@ -150,8 +150,8 @@ def count_call_flops(fn, ours: bool) -> tuple[torch.Tensor, dict[str, int]]:
 
     ``ours``: a chipmunk-compiled model, counted through :data:`FLOP_COUNTER` (what our ops computed on this
     call, by their registered formulas, plus the other matmuls of the compiled graphs); else ``FlopCounterMode``
-    around the call (Dynamo runs the model's frames eagerly under it: the dense model's FLOPs, attention by
-    SDPA's formula). Returns (the call's output, {"total", "attention", "mlp"}); "attention" and "mlp" are
+    around the call (the dense model's FLOPs, whether its frames run compiled or eagerly under the mode;
+    attention by SDPA's formula). Returns (the call's output, {"total", "attention", "mlp"}); "attention" and "mlp" are
     only split for ours (0 for the dense model, whose MLPs are plain matmuls).
     """
     if ours:
@@ -457,7 +457,8 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype, label: str = "") -> tu
             print(f"warning: {resident:.1f} GB of GPU memory still allocated before {name} starts; its peak "
                   "includes it", flush=True)
     model, shape, call = BUILDERS[cfg.model](cfg, device, dtype)
-    name, extra = parse_backend(name)
+    entry = name
+    name, _ = parse_backend(name)
     tag = re.sub(r"[^\w.=-]+", "_", label or name).strip("_")
     backend: object = name
     kwargs: dict = {"mode": cfg.mode} if cfg.mode else {}
@@ -465,8 +466,7 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype, label: str = "") -> tu
         import chipmunk_compile
 
         # torch.compile refuses mode= together with options=: bind both through the typed backend.
-        options = {"preset": cfg.preset, **dict(cfg.overrides), **dict(extra)}
-        config, _ = chipmunk_compile.ChipmunkConfig.from_options(options)
+        config = backend_config(cfg, entry)
         backend, kwargs = chipmunk_compile.backend(config, mode=cfg.mode or None), {}
     if cfg.regional:
         model.compile_repeated_blocks(backend=backend, **kwargs)
