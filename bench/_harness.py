@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import datetime
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +31,27 @@ def triton_version() -> str:
     except ImportError:
         return ""
     return triton.__version__
+
+
+RUN_COLUMNS = ["card", "torch", "triton", "git_sha", "date"]
+
+
+def run_fields(card: str) -> list[str]:
+    """The values of :data:`RUN_COLUMNS` for this run on ``card``: where each CSV row came from."""
+    import torch
+
+    return [card, torch.__version__, triton_version(), git_sha(), datetime.date.today().isoformat()]
+
+
+def append_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
+    """Append ``rows`` to the CSV at ``path``, writing ``header`` first when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(header)
+        w.writerows(rows)
 
 
 def host_us(fn: Callable[[], object], calls: int = 100) -> float:

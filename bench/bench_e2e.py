@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime
 import functools
 import gc
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from _harness import git_sha, triton_version  # noqa: E402  (bench/ is the script's directory)
+from _harness import RUN_COLUMNS, append_csv, run_fields  # noqa: E402  (bench/ is the script's directory)
 from chipmunk_compile.kernels._launch import normal_path_stats
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -559,23 +558,18 @@ def flop_summaries(cfg: E2EConfig, results: dict[str, E2EResult]) -> dict[str, d
     return out
 
 
-def write_flop_rows(path: Path, cfg: E2EConfig, card: str, date: str, summaries: dict[str, dict]) -> None:
+def write_flop_rows(path: Path, cfg: E2EConfig, card: str, summaries: dict[str, dict]) -> None:
     """Append one row per chipmunk backend of :func:`flop_summaries` (its step kinds as JSON)."""
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["card", "torch", "triton", "git_sha", "date", "model", "size", "height", "width", "frames",
-                        "steps", "regional", "mode", "backend", "dense_tflop_per_step",
-                        "chipmunk_tflop_per_generation", "flop_ratio", "measured_speedup", "rate_vs_inductor",
-                        "inductor_tflop_per_s", "by_kind"])
-        for name, s in summaries.items():
-            w.writerow([card, torch.__version__, triton_version(), git_sha(), date, cfg.model, cfg.size, cfg.height,
-                        cfg.width, cfg.frames if cfg.model != "flux" else "", cfg.steps, cfg.regional,
-                        cfg.mode or "default", name, f"{s['dense_tflop_per_step']:.4f}",
-                        f"{s['chipmunk_tflop_per_generation']:.3f}", f"{s['flop_ratio']:.4f}",
-                        f"{s['measured_speedup']:.4f}", f"{s['rate_vs_inductor']:.4f}",
-                        f"{s['inductor_tflop_per_s']:.1f}", json.dumps(s["by_kind"])])
+    header = [*RUN_COLUMNS, "model", "size", "height", "width", "frames", "steps", "regional", "mode", "backend",
+              "dense_tflop_per_step", "chipmunk_tflop_per_generation", "flop_ratio", "measured_speedup",
+              "rate_vs_inductor", "inductor_tflop_per_s", "by_kind"]
+    run = run_fields(card)
+    append_csv(path, header, (
+        [*run, cfg.model, cfg.size, cfg.height, cfg.width, cfg.frames if cfg.model != "flux" else "", cfg.steps,
+         cfg.regional, cfg.mode or "default", name, f"{s['dense_tflop_per_step']:.4f}",
+         f"{s['chipmunk_tflop_per_generation']:.3f}", f"{s['flop_ratio']:.4f}", f"{s['measured_speedup']:.4f}",
+         f"{s['rate_vs_inductor']:.4f}", f"{s['inductor_tflop_per_s']:.1f}", json.dumps(s["by_kind"])]
+        for name, s in summaries.items()))
 
 
 def main(argv=None) -> None:
@@ -637,30 +631,25 @@ def main(argv=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     path = out_dir / f"e2e_{card.replace(' ', '_')}_{date}.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["card", "torch", "triton", "git_sha", "date", "model", "size", "height", "width", "frames",
-                        "steps", "regional", "preset", "overrides", "mode", "backend", "seconds_per_generation",
-                        "speedup_vs_inductor", "compile_s", "first_generation_s", "peak_gb", "recompiles_after_warmup",
-                        "rel_l2_vs_inductor", "step_ms_median_dense_steps", "step_ms_median_all",
-                        "predicted_from_steps"])
-        for name, r in results.items():
-            kind, extra = parse_backend(name.split("#")[0])
-            w.writerow([card, torch.__version__, triton_version(), git_sha(), date, cfg.model, cfg.size,
-                        cfg.height, cfg.width, cfg.frames if cfg.model != "flux" else "", cfg.steps,
-                        cfg.regional, cfg.preset if kind == "chipmunk" else "", dict(cfg.overrides + extra),
-                        cfg.mode or "default", name,
-                        f"{r.seconds_per_generation:.4f}",
-                        f"{base / r.seconds_per_generation:.3f}" if base else "",
-                        f"{r.compile_s:.1f}", f"{r.first_generation_s:.1f}", f"{r.peak_gb:.2f}",
-                        r.recompiles_after_warmup, f"{rel:.4g}" if name == "chipmunk" and both else "",
-                        f"{statistics.median(r.step_ms[:2]):.2f}" if r.step_ms else "",
-                        f"{statistics.median(r.step_ms):.2f}" if r.step_ms else "", cfg.timed_steps or ""])
+    header = [*RUN_COLUMNS, "model", "size", "height", "width", "frames", "steps", "regional", "preset", "overrides",
+              "mode", "backend", "seconds_per_generation", "speedup_vs_inductor", "compile_s", "first_generation_s",
+              "peak_gb", "recompiles_after_warmup", "rel_l2_vs_inductor", "step_ms_median_dense_steps",
+              "step_ms_median_all", "predicted_from_steps"]
+    rows = []
+    for name, r in results.items():
+        kind, extra = parse_backend(name.split("#")[0])
+        rows.append([*run_fields(card), cfg.model, cfg.size, cfg.height, cfg.width,
+                     cfg.frames if cfg.model != "flux" else "", cfg.steps, cfg.regional,
+                     cfg.preset if kind == "chipmunk" else "", dict(cfg.overrides + extra), cfg.mode or "default", name,
+                     f"{r.seconds_per_generation:.4f}", f"{base / r.seconds_per_generation:.3f}" if base else "",
+                     f"{r.compile_s:.1f}", f"{r.first_generation_s:.1f}", f"{r.peak_gb:.2f}",
+                     r.recompiles_after_warmup, f"{rel:.4g}" if name == "chipmunk" and both else "",
+                     f"{statistics.median(r.step_ms[:2]):.2f}" if r.step_ms else "",
+                     f"{statistics.median(r.step_ms):.2f}" if r.step_ms else "", cfg.timed_steps or ""])
+    append_csv(path, header, rows)
     summaries = flop_summaries(cfg, results)
     if summaries:
-        write_flop_rows(out_dir / f"flops_{cfg.model}_{card.replace(' ', '_')}_{date}.csv", cfg, card, date, summaries)
+        write_flop_rows(out_dir / f"flops_{cfg.model}_{card.replace(' ', '_')}_{date}.csv", cfg, card, summaries)
     (out_dir / f"e2e_steps_{cfg.model}_{date}.json").write_text(
         json.dumps({"config": asdict(cfg), "card": card, "results": {k: asdict(v) for k, v in results.items()},
                     "flop_summaries": summaries}))

@@ -15,7 +15,6 @@ Random weights say little about quality (their attention is diffuse); the traine
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from _harness import git_sha, triton_version  # noqa: E402  (bench/ is the script's directory)
+from _harness import RUN_COLUMNS, append_csv, git_sha, run_fields  # noqa: E402  (bench/ is the script's directory)
 
 import chipmunk_compile
 from chipmunk_compile.runner import FLOP_COUNTER, FlopTally
@@ -163,33 +162,23 @@ def run_fidelity(config: FidelityConfig) -> FidelityResult:
 
 
 def write_results(results: list[FidelityResult]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
     date = datetime.date.today().isoformat()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86'})"
     path = RESULTS / f"fidelity_{date}.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["card", "torch", "triton", "git_sha", "date", "model", "size", "preset", "steps", "cfg",
-                        "overrides", "psnr_db", "rel_l2", "attention_flops_frac", "mlp_flops_frac",
-                        "attention_kept", "mlp_kept", "sites", "sparse_calls"])
-        for r in results:
-            c = r.config
-            w.writerow([device, torch.__version__, triton_version(), git_sha(), date, c.model, c.size, c.preset,
-                        c.steps, c.cfg, dict(c.overrides), f"{r.psnr_db:.2f}", f"{r.rel_l2:.4g}",
-                        f"{r.attention_flops_frac:.4f}", f"{r.mlp_flops_frac:.4f}",
-                        "" if r.attention_kept is None else f"{r.attention_kept:.4f}",
-                        "" if r.mlp_kept is None else f"{r.mlp_kept:.4f}", r.sites, r.sparse_calls])
-    sites_path = RESULTS / f"fidelity_sites_{date}.csv"
-    new = not sites_path.exists()
-    with sites_path.open("a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["git_sha", "model", "preset", "site", "step", "rel_error_vs_dense"])
-        for r in results:
-            for name, step, err in r.site_errors:
-                w.writerow([git_sha(), r.config.model, r.config.preset, name, step, f"{err:.4g}"])
+    header = [*RUN_COLUMNS, "model", "size", "preset", "steps", "cfg", "overrides", "psnr_db", "rel_l2",
+              "attention_flops_frac", "mlp_flops_frac", "attention_kept", "mlp_kept", "sites", "sparse_calls"]
+    run = run_fields(device)
+    append_csv(path, header, (
+        [*run, r.config.model, r.config.size, r.config.preset, r.config.steps, r.config.cfg, dict(r.config.overrides),
+         f"{r.psnr_db:.2f}", f"{r.rel_l2:.4g}", f"{r.attention_flops_frac:.4f}", f"{r.mlp_flops_frac:.4f}",
+         "" if r.attention_kept is None else f"{r.attention_kept:.4f}",
+         "" if r.mlp_kept is None else f"{r.mlp_kept:.4f}", r.sites, r.sparse_calls]
+        for r in results))
+    sha = git_sha()
+    site_header = ["git_sha", "model", "preset", "site", "step", "rel_error_vs_dense"]
+    append_csv(RESULTS / f"fidelity_sites_{date}.csv", site_header,
+               ([sha, r.config.model, r.config.preset, name, step, f"{err:.4g}"]
+                for r in results for name, step, err in r.site_errors))
     return path
 
 
