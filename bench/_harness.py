@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import datetime
+import json
 import os
 import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,3 +69,43 @@ def host_us(fn: Callable[[], object], calls: int = 100) -> float:
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) / calls * 1e6
+
+
+def split_top_level(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside brackets (``[...]``, ``{...}``) and double-quoted strings; empty
+    pieces dropped. ``"a,b[x=[1,2]],c"`` -> ``["a", "b[x=[1,2]]", "c"]``."""
+    pieces, depth, quoted, escaped, start = [], 0, False, False, 0
+    for i, ch in enumerate(text):
+        if quoted:
+            quoted = escaped or ch != '"'
+            escaped = not escaped and ch == "\\"
+        elif ch == '"':
+            quoted = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            pieces.append(text[start:i])
+            start = i + 1
+    pieces.append(text[start:])
+    return [piece.strip() for piece in pieces if piece.strip()]
+
+
+def parse_overrides(text: str) -> tuple[tuple[str, Any], ...]:
+    """``KEY=JSON;KEY=JSON`` (the inside of a variant's brackets, e.g. ``flux[mlp.keep=0.15]``) -> the
+    (key, value) pairs in order. A value that is not JSON is taken as a string (``offload=never``); JSON lists
+    become tuples (hashable settings). Raises ValueError on an item without ``=`` or a key given twice."""
+    pairs: dict[str, Any] = {}
+    for item in split_top_level(text, ";"):
+        key, eq, raw = (part.strip() for part in item.partition("="))
+        if not eq or not key:
+            raise ValueError(f"override {item!r} is not KEY=JSON")
+        if key in pairs:
+            raise ValueError(f"{key!r} is given twice")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        pairs[key] = tuple(value) if isinstance(value, list) else value
+    return tuple(pairs.items())

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from _harness import RUN_COLUMNS, append_csv, run_fields  # noqa: E402  (bench/ is the script's directory)
+from _harness import RUN_COLUMNS, append_csv, parse_overrides, run_fields, split_top_level  # noqa: E402  (bench/ is the script's directory)
 from chipmunk_compile.kernels._launch import normal_path_stats
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -425,7 +425,10 @@ def parse_backend(entry: str) -> tuple[str, tuple[tuple[str, object], ...]]:
     m = re.fullmatch(r"(inductor|chipmunk)(?:\[(.+)\])?", entry)
     if m is None or (m.group(2) and m.group(1) != "chipmunk"):
         raise SystemExit(f"--backends: {entry!r} is not inductor, chipmunk or chipmunk[KEY=VALUE;...]")
-    extra = tuple((k, json.loads(v)) for k, v in (s.split("=", 1) for s in (m.group(2) or "").split(";") if s))
+    try:
+        extra = parse_overrides(m.group(2) or "")
+    except ValueError as err:
+        raise SystemExit(f"--backends: {entry!r}: {err}") from None
     return m.group(1), extra
 
 
@@ -606,7 +609,7 @@ def main(argv=None) -> None:
                     repeats=args.repeats, preset=args.preset or args.model, overrides=overrides, frames=args.frames,
                     profile_dir=args.out if args.profile else "", mode=args.mode, timed_steps=args.timed_steps,
                     profile_steps=tuple(int(x) for x in args.profile_steps.split(",")),
-                    backends=tuple(args.backends.split(",")), count_flops=args.count_flops)
+                    backends=tuple(split_top_level(args.backends, ",")), count_flops=args.count_flops)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results, outs, report = {}, {}, ""

@@ -34,7 +34,6 @@ import csv
 import datetime
 import functools
 import io
-import json
 import math
 import platform
 import sys
@@ -53,7 +52,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import chipmunk_compile  # noqa: E402
-from bench._harness import git_sha, triton_version  # noqa: E402
+from bench._harness import git_sha, parse_overrides, split_top_level, triton_version  # noqa: E402
 from bench.reference_dit.model import DiT, DiTConfig  # noqa: E402
 from bench.reference_dit.sample import load, sample  # noqa: E402
 from chipmunk_compile.config import ChipmunkConfig, ConfigError  # noqa: E402
@@ -131,50 +130,21 @@ def preset_variant(name: str) -> Setting:
     if not bracket or not rest.endswith("]") or not preset:
         raise ValueError(f"{name!r} is not of the form PRESET[KEY=JSON;KEY=JSON...]")
     ChipmunkConfig.from_name(preset)  # an unknown preset: ConfigError naming the known ones
-    opts: dict[str, Any] = {"preset": preset, "mlp.min_tokens": 0}
-    seen: set[str] = set()
-    for item in _split_top_level(rest[:-1], ";"):
-        key, eq, text = (part.strip() for part in item.partition("="))
-        if not eq or not key:
-            raise ValueError(f"{name!r}: override {item.strip()!r} is not KEY=JSON")
+    try:
+        overrides = parse_overrides(rest[:-1])
+    except ValueError as err:
+        raise ValueError(f"{name!r}: {err}") from None
+    for key, _ in overrides:
         if key in ("preset", "config"):
             raise ValueError(f"{name!r}: {key!r} cannot be overridden (the preset is named before the bracket)")
-        if key in seen:
-            raise ValueError(f"{name!r}: {key!r} is given twice")
-        seen.add(key)
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        opts[key] = tuple(value) if isinstance(value, list) else value  # a Setting stays hashable
-    if not seen:
+    if not overrides:
         raise ValueError(f"{name!r} has no overrides; name the preset alone ({preset!r}) for the preset itself")
+    opts: dict[str, Any] = {"preset": preset, "mlp.min_tokens": 0, **dict(overrides)}
     setting = Setting(name, "preset", tuple(opts.items()))
     _, rest_options = ChipmunkConfig.from_options(opts)  # bad keys or values: ConfigError
     if rest_options:
         raise ConfigError(f"{name!r}: not chipmunk options: {sorted(rest_options)}")
     return setting
-
-
-def _split_top_level(text: str, sep: str) -> list[str]:
-    """``text`` split at ``sep`` outside brackets (``[...]``, ``{...}``) and double-quoted strings; empty
-    pieces dropped. ``"a,b[x=[1,2]],c"`` -> ``["a", "b[x=[1,2]]", "c"]``."""
-    pieces, depth, quoted, escaped, start = [], 0, False, False, 0
-    for i, ch in enumerate(text):
-        if quoted:
-            quoted = escaped or ch != '"'
-            escaped = not escaped and ch == "\\"
-        elif ch == '"':
-            quoted = True
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == sep and depth == 0:
-            pieces.append(text[start:i])
-            start = i + 1
-    pieces.append(text[start:])
-    return [piece.strip() for piece in pieces if piece.strip()]
 
 
 def select_settings(spec: str, grid: str) -> list[Setting]:
@@ -188,7 +158,7 @@ def select_settings(spec: str, grid: str) -> list[Setting]:
     by_name = {s.name: s for s in settings}
     chosen: dict[str, Setting] = {}
     unknown, errors = [], []
-    for name in _split_top_level(spec, ","):
+    for name in split_top_level(spec, ","):
         if "[" in name:
             try:
                 setting = preset_variant(name)

@@ -68,6 +68,16 @@ def test_backend_variants_parse_and_repeat():
     for bad in ("inductor[mlp.keep=0.2]", "eager", "chipmunk[]"):
         with pytest.raises(SystemExit):
             parse_backend(bad)
+    # values as in quality.py's variants: non-JSON text is a string, lists are tuples; a key twice is refused
+    assert parse_backend("chipmunk[offload=never;attention.dense_steps=[0,1,10]]") == (
+        "chipmunk", (("offload", "never"), ("attention.dense_steps", (0, 1, 10))))
+    with pytest.raises(SystemExit, match="given twice"):
+        parse_backend("chipmunk[mlp.keep=0.1;mlp.keep=0.2]")
+    from _harness import split_top_level
+
+    # --backends splits at commas outside brackets
+    assert split_top_level("inductor,chipmunk[attention.dense_steps=[0,1]]", ",") == [
+        "inductor", "chipmunk[attention.dense_steps=[0,1]]"]
     entries = ("chipmunk", "chipmunk[mlp.early_selection=false]", "chipmunk", "chipmunk[mlp.early_selection=false]")
     assert labels(entries) == ["chipmunk", "chipmunk[mlp.early_selection=false]", "chipmunk#2",
                                "chipmunk[mlp.early_selection=false]#2"]
