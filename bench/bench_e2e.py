@@ -530,12 +530,19 @@ def run_backend(name: str, cfg: E2EConfig, device, dtype, label: str = "") -> tu
 
 
 def backend_config(cfg: E2EConfig, name: str):
-    """The ChipmunkConfig of a chipmunk result name (``chipmunk``, ``chipmunk[K=V;...]``, ``...#2``)."""
+    """The ChipmunkConfig of a chipmunk result name (``chipmunk``, ``chipmunk[K=V;...]``, ``...#2``); an unknown
+    key or a bad value (``--set`` or the variant's) exits naming it."""
     import chipmunk_compile
 
     _, extra = parse_backend(name.split("#")[0])
     options = {"preset": cfg.preset, **dict(cfg.overrides), **dict(extra)}
-    return chipmunk_compile.ChipmunkConfig.from_options(options)[0]
+    try:
+        config, rest = chipmunk_compile.ChipmunkConfig.from_options(options)
+    except ValueError as err:  # ConfigError
+        raise SystemExit(f"{name!r}: {err}") from None
+    if rest:  # the backend would hand these to Inductor; here they are typos
+        raise SystemExit(f"{name!r}: not chipmunk options: {sorted(rest)}")
+    return config
 
 
 def flop_summaries(cfg: E2EConfig, results: dict[str, E2EResult]) -> dict[str, dict]:
@@ -613,8 +620,9 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results, outs, report = {}, {}, ""
-    for entry in cfg.backends:
-        parse_backend(entry)  # a bad entry fails here, before any model is built
+    for entry in cfg.backends:  # a bad entry, key or value fails here, before any model is built
+        if parse_backend(entry)[0] == "chipmunk":
+            backend_config(cfg, entry)
     for entry, name in zip(cfg.backends, labels(cfg.backends)):
         res, out, rep = run_backend(entry, cfg, device, dtype, label=name)
         res.backend = name

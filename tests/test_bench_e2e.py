@@ -128,6 +128,18 @@ def test_count_flops_run_on_a_tiny_flux(tmp_path, monkeypatch):
     assert float(rows[0]["flop_ratio"]) == pytest.approx(summary["flop_ratio"], rel=1e-3)
 
 
+def test_bad_chipmunk_options_stop_the_run_before_any_model():
+    """A variant's or --set's unknown key or bad value exits naming it, before a model is built (a GPU run would
+    otherwise fail after Inductor's whole generation)."""
+    from bench_e2e import main
+
+    for argv, message in ((["--backends", "inductor,chipmunk[mlp.kep=0.1]"], "mlp.kep"),
+                          (["--backends", "chipmunk[foo=1]"], "not chipmunk options"),
+                          (["--set", "mlp.keep=1.5"], "mlp.keep")):
+        with pytest.raises(SystemExit, match=message):
+            main(["--size", "tiny", *argv])
+
+
 def test_count_flops_refuses_partial_or_graphed_loops():
     from bench_e2e import main
 
